@@ -1,0 +1,154 @@
+"""Benchmarks of the main job. Prints a table and one JSON object; not a test.
+
+Measures, side by side in one run (median of several repeats after a warm-up):
+- the hooks' overhead: forward passes with the scale-recording hooks over plain forward passes;
+- fake-quantized evaluation time over full precision (W8A8 per-tensor perplexity vs FP32);
+- peak resident memory of calibration, in a child process, against a child that only loads the model;
+- with --pipeline, the wall time of the whole default ``dvc repro`` in a scratch copy of the repository.
+
+Usage: python benchmarks/run_benchmarks.py [--model smollm2-135m] [--repeats 5] [--pipeline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spikelib import calibration, data, models, perplexity, quantizers  # noqa: E402
+from spikelib.hooks import record_token_scales  # noqa: E402
+
+
+def paired_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Time two callables alternately after one warm-up call each and return their median seconds."""
+    first(), second()
+    times = ([], [])
+    for _ in range(repeats):
+        for index, function in enumerate((first, second)):
+            start = time.perf_counter()
+            function()
+            times[index].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@torch.no_grad()
+def hook_overhead(model, windows, repeats: int) -> dict:
+    def plain():
+        model(input_ids=windows, use_cache=False)
+
+    def hooked():
+        with record_token_scales(model):
+            model(input_ids=windows, use_cache=False)
+
+    base, with_hooks = paired_medians(plain, hooked, repeats)
+    return {"plain_s": base, "hooked_s": with_hooks, "overhead": with_hooks / base - 1}
+
+
+def fake_quant_overhead(model, start_id, windows, repeats: int) -> dict:
+    quantized = quantizers.quantize_model(model)
+
+    def full_precision():
+        perplexity.evaluate_perplexity(model, windows, start_id, progress=False)
+
+    def fake_quantized():
+        perplexity.evaluate_perplexity(quantized, windows, start_id, progress=False)
+
+    base, quant = paired_medians(full_precision, fake_quantized, repeats)
+    return {"fp32_s": base, "w8a8_s": quant, "overhead": quant / base - 1}
+
+
+CHILD = """
+import resource, sys
+from spikelib import calibration, data, models
+model, tokenizer = models.load_model(sys.argv[1])
+if sys.argv[2] == "calibrate":
+    start = models.start_token_id(tokenizer)
+    windows = calibration.sample_windows(tokenizer, data.c4_documents("train", sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), start, 0)
+    calibration.calibrate(model, windows, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def child_peak_mb(arguments: list[str]) -> float:
+    result = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def calibration_memory(model_name: str, data_dir: str, n_windows: int, seq_len: int) -> dict:
+    load_only = child_peak_mb([model_name, "load", data_dir, "0", "0"])
+    calibrate = child_peak_mb([model_name, "calibrate", data_dir, str(n_windows), str(seq_len)])
+    return {"load_only_peak_mb": load_only, "calibration_peak_mb": calibrate, "calibration_extra_mb": calibrate - load_only,
+            "n_windows": n_windows, "seq_len": seq_len}
+
+
+def pipeline_wall_time(data_dir: str) -> dict:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    with tempfile.TemporaryDirectory(prefix="spikelib-bench-") as scratch:
+        copy = Path(scratch)
+        for relative in listed:
+            if (ROOT / relative).is_file() and not relative.startswith(("results/", "figures/")):
+                (copy / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / relative, copy / relative)
+        subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+        params = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+        params["data"]["dir"] = str(Path(data_dir).resolve())
+        (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=copy, env=env, check=True, capture_output=True)
+        return {"default_dvc_repro_s": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("SPIKELIB_DATA_DIR") or str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--pipeline", action="store_true", help="also time the whole default dvc repro (about 15 minutes)")
+    args = parser.parse_args()
+
+    model, tokenizer = models.load_model(args.model)
+    start_id = models.start_token_id(tokenizer)
+    documents = data.c4_documents("train", args.data_dir)
+    windows = calibration.sample_windows(tokenizer, documents, 4, args.seq_len, start_id, 0)
+    test_ids = tokenizer(data.wikitext2_test_text(args.data_dir), add_special_tokens=False)["input_ids"]
+    test_windows = perplexity.split_windows(test_ids, args.seq_len, 4)
+
+    report = {
+        "model": args.model,
+        "threads": torch.get_num_threads(),
+        "hooks": hook_overhead(model, windows, args.repeats),
+        "fake_quant_eval": fake_quant_overhead(model, start_id, test_windows, args.repeats),
+        "calibration_memory": calibration_memory(args.model, args.data_dir, 64, args.seq_len),
+    }
+    if args.pipeline:
+        report["pipeline"] = pipeline_wall_time(args.data_dir)
+
+    print(f"hooks overhead over a plain forward pass: {report['hooks']['overhead']:+.1%} (target < 10%)")
+    print(f"fake-quantized W8A8 evaluation over FP32: {report['fake_quant_eval']['overhead']:+.1%} (target < 15%)")
+    memory = report["calibration_memory"]
+    print(f"calibration peak RSS: {memory['calibration_peak_mb']:.0f} MB "
+          f"(model load alone {memory['load_only_peak_mb']:.0f} MB)")
+    if args.pipeline:
+        print(f"default dvc repro: {report['pipeline']['default_dvc_repro_s'] / 60:.1f} min (target < 30 min)")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

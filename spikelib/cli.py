@@ -1,0 +1,206 @@
+"""Command line: ``spikelib calibrate|qfem|qfep|ppl``. Each command prints one JSON object on stdout.
+
+Logs and progress bars go to stderr, so stdout can be piped into ``jq`` or a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from . import calibration, data, models, perplexity, qfem, qfep, quantizers
+from .hooks import TokenScales
+
+METHODS = ("fp", "w8a8", "w8a8+qfep", "w8a8+qfem", "w8a8+qfem+qfep")
+
+
+def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_windows: int) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="zoo short name, Hugging Face name, local folder or .gguf path")
+    parser.add_argument("--data-dir", default=None, help="local data mirror folder (default: $SPIKELIB_DATA_DIR, else the Hugging Face hub)")
+    parser.add_argument("--windows", type=int, default=default_windows, metavar="N", help=windows_help)
+    parser.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per window (default: 512)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the window samplers (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="model dtype (default: float32)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_calibration_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scales", default=None, help="token scales saved by `spikelib calibrate --output` (skips calibration)")
+    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows when --scales is not given (default: 32)")
+
+
+def _add_qfem_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=float, default=None, help="fixed QFeM threshold; without it alpha is searched")
+    parser.add_argument("--search-windows", type=int, default=8, help="held-out C4 windows for the alpha search (default: 8)")
+    parser.add_argument("--n-thresholds", type=int, default=12, help="alphas tried by the search (default: 12)")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="relative perplexity tolerance of the alpha rule (default: 0.02)")
+
+
+def _add_qfep_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spike-candidates", type=int, default=8, help="candidate spike tokens (default: 8)")
+    parser.add_argument("--context-candidates", type=int, default=64, help="candidate context tokens (default: 64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spikelib", description="Activation spikes, W8A8 fake quantization, QFeM and QFeP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    calibrate = commands.add_parser("calibrate", help="record token-wise input scales on C4 windows")
+    _add_common(calibrate, "calibration windows (default: 32)", 32)
+    calibrate.add_argument("--output", default=None, help="save the token scales to this .pt file")
+
+    qfem_parser = commands.add_parser("qfem", help="compute r(m) and choose the QFeM modules")
+    _add_common(qfem_parser, "calibration windows (default: 32)", 32)
+    _add_calibration_source(qfem_parser)
+    _add_qfem_options(qfem_parser)
+
+    qfep_parser = commands.add_parser("qfep", help="search the QFeP prefix")
+    _add_common(qfep_parser, "calibration windows (default: 32)", 32)
+    _add_calibration_source(qfep_parser)
+    _add_qfep_options(qfep_parser)
+
+    ppl = commands.add_parser("ppl", help="WikiText-2 perplexity of one configuration")
+    _add_common(ppl, "WikiText-2 test windows to evaluate; 0 for all (default: 16)", 16)
+    ppl.add_argument("--method", default="fp", choices=METHODS, help="configuration to evaluate (default: fp)")
+    _add_calibration_source(ppl)
+    _add_qfem_options(ppl)
+    _add_qfep_options(ppl)
+    return parser
+
+
+def _load(args):
+    model, tokenizer = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    return model, tokenizer, models.start_token_id(tokenizer)
+
+
+def _scales(args, model, tokenizer, start_id, n_windows: int) -> TokenScales:
+    if getattr(args, "scales", None):
+        return TokenScales.load(args.scales)
+    documents = data.c4_documents("train", args.data_dir)
+    windows = calibration.sample_windows(tokenizer, documents, n_windows, args.seq_len, start_id, args.seed)
+    return calibration.calibrate(model, windows, progress=not args.no_progress)
+
+
+def _qfem_selection(args, model, tokenizer, start_id, scales, quantized) -> dict[str, Any]:
+    ratios = qfem.module_ratios(scales)
+    if args.alpha is not None:
+        modules = qfem.select_modules(ratios, args.alpha, scales.module_sites)
+        quantizers.set_full_precision_inputs(quantized, modules)
+        return {"alpha": args.alpha, "modules": modules, "n_modules": len(modules), "searched": False}
+
+    documents = data.c4_documents("validation", args.data_dir)
+    held_out = calibration.sample_windows(tokenizer, documents, args.search_windows, args.seq_len + 1, start_id, args.seed)[:, 1:]
+
+    def evaluate(candidate):
+        return perplexity.evaluate_perplexity(candidate, held_out, start_id, progress=False).ppl
+
+    alphas = qfem.threshold_grid(ratios, args.n_thresholds)
+    search = qfem.search_threshold(
+        quantized, ratios, scales.module_sites, alphas, evaluate, args.tolerance, progress=not args.no_progress
+    )
+    result = search.to_dict()
+    return {"alpha": result["alpha"], "modules": search.modules, "n_modules": len(search.modules), "searched": True,
+            "rule": search.rule, "tradeoff": result["points"]}
+
+
+def _prefix_search(args, model, tokenizer, start_id, scales) -> qfep.PrefixSearch:
+    return qfep.search_prefix(
+        model, tokenizer, scales, qfem.module_ratios(scales), start_id,
+        args.spike_candidates, args.context_candidates, progress=not args.no_progress,
+    )
+
+
+def run_calibrate(args) -> dict[str, Any]:
+    model, tokenizer, start_id = _load(args)
+    scales = _scales(args, model, tokenizer, start_id, args.windows)
+    scales.metadata.update({"model_name": args.model, "seed": args.seed})
+    if args.output:
+        scales.save(args.output)
+    ratios = qfem.site_ratios(scales)
+    maxima = scales.site_max()
+    top = sorted(ratios, key=ratios.get, reverse=True)[:5]
+    return {
+        "model": args.model,
+        "n_tokens": int(scales.token_ids.numel()),
+        "top_sites": [{"site": site, "ratio": ratios[site], "max": maxima[site]} for site in top],
+        "down_proj_max": {site: maxima[site] for site in maxima if site.endswith("down_proj")},
+        "output": args.output,
+    }
+
+
+def run_qfem(args) -> dict[str, Any]:
+    model, tokenizer, start_id = _load(args)
+    scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+    quantized = quantizers.quantize_model(model)
+    selection = _qfem_selection(args, model, tokenizer, start_id, scales, quantized)
+    ratios = qfem.site_ratios(scales)
+    top = sorted(ratios, key=ratios.get, reverse=True)[:10]
+    return {"model": args.model, **selection, "top_site_ratios": {site: ratios[site] for site in top}}
+
+
+def run_qfep(args) -> dict[str, Any]:
+    model, tokenizer, start_id = _load(args)
+    scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+    return {"model": args.model, **_prefix_search(args, model, tokenizer, start_id, scales).to_dict()}
+
+
+def run_ppl(args) -> dict[str, Any]:
+    model, tokenizer, start_id = _load(args)
+    test_ids = tokenizer(data.wikitext2_test_text(args.data_dir), add_special_tokens=False)["input_ids"]
+    windows = perplexity.split_windows(test_ids, args.seq_len, args.windows or None)
+    report: dict[str, Any] = {"model": args.model, "method": args.method, "seq_len": args.seq_len}
+
+    evaluated, prefix = model, None
+    if args.method != "fp":
+        evaluated = quantizers.quantize_model(model)
+    if "qfem" in args.method or "qfep" in args.method:
+        scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+    if "qfem" in args.method:
+        selection = _qfem_selection(args, model, tokenizer, start_id, scales, evaluated)
+        report.update({"alpha": selection["alpha"], "n_fp_modules": selection["n_modules"], "fp_modules": selection["modules"]})
+    if "qfep" in args.method:
+        search = _prefix_search(args, model, tokenizer, start_id, scales)
+        prefix = qfep.PrefixCache(model, search.prefix_ids)
+        report.update({"prefix_ids": search.prefix_ids, "prefix_tokens": search.prefix_tokens})
+
+    result = perplexity.evaluate_perplexity(
+        evaluated, windows, None if prefix else start_id, prefix, progress=not args.no_progress, description=args.method
+    )
+    report.update(result.to_dict())
+    return report
+
+
+COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("windows", "seq_len"):
+        value = getattr(args, name)
+        if value < (0 if name == "windows" and args.command == "ppl" else 1):
+            print(f"spikelib: error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
+            return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        data.resolve_data_dir(args.data_dir)  # fail before the model loads
+        report = COMMANDS[args.command](args)
+    except (data.DataUnavailableError, models.ModelDownloadError, models.ChecksumMismatchError,
+            FileNotFoundError, ValueError, KeyError) as error:
+        print(f"spikelib {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, default=_json_value))
+    return 0
+
+
+def _json_value(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Forward hooks that record token-wise input scales (paper section 3).
+
+For every decoder layer the recorder keeps, per token t, the scale a_t = max_j |x_tj| of the
+input x of each linear module (siblings that share an input are recorded once) and of the
+layer's output hidden state. Only these scales are kept, never whole activations, so memory
+grows with the number of tokens and sites, not with the hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .architectures import HIDDEN_LABEL, Family, decoder_layers, family_for, site_name
+
+
+@dataclass
+class TokenScales:
+    """Recorded token-wise scales of one set of equal-length sequences.
+
+    ``scales`` maps a site name (``model.layers.{i}.{label}``) to a float32 tensor of shape
+    ``(n_sequences, seq_len)``; ``token_ids`` has the same shape. ``module_sites`` maps every
+    quantizable linear module to the site of its input.
+    """
+
+    scales: dict[str, torch.Tensor]
+    token_ids: torch.Tensor
+    module_sites: dict[str, str]
+    site_layers: dict[str, tuple[int, str]]
+    metadata: dict = field(default_factory=dict)
+
+    def site_max(self) -> dict[str, float]:
+        """Return the largest scale of each site over all recorded tokens."""
+        return {site: float(values.max()) for site, values in self.scales.items()}
+
+    def save(self, path: str | Path) -> None:
+        """Save to a ``torch.save`` file, atomically."""
+        from .artifacts import atomic_path
+
+        payload = {
+            "scales": self.scales,
+            "token_ids": self.token_ids,
+            "module_sites": self.module_sites,
+            "site_layers": {site: list(value) for site, value in self.site_layers.items()},
+            "metadata": self.metadata,
+        }
+        with atomic_path(path, ".pt") as temporary:
+            torch.save(payload, temporary)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenScales":
+        """Load a file written by ``save``."""
+        payload = torch.load(path, weights_only=True)
+        site_layers = {site: (int(value[0]), str(value[1])) for site, value in payload["site_layers"].items()}
+        return cls(payload["scales"], payload["token_ids"], payload["module_sites"], site_layers, payload["metadata"])
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layers of interest have run."""
+
+
+class TokenScaleRecorder:
+    """Hooks that append the token-wise scales of each forward pass; use ``record_token_scales``."""
+
+    def __init__(self, model: nn.Module, family: Family, stop_after_layer: int | None = None):
+        self.model = model
+        self.family = family
+        self.stop_after_layer = stop_after_layer
+        self.records: dict[str, list[torch.Tensor]] = {}
+        self.site_layers: dict[str, tuple[int, str]] = {}
+        self.module_sites: dict[str, str] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        for index, layer in enumerate(decoder_layers(self.model, self.family)):
+            for site in self.family.sites:
+                name = site_name(self.family, index, site.label)
+                self._track(name, index, site.label)
+                for module in site.modules:
+                    self.module_sites[f"{self.family.layers}.{index}.{module}"] = name
+                first = layer.get_submodule(site.modules[0])
+                self._handles.append(first.register_forward_pre_hook(self._input_hook(name)))
+
+            hidden = site_name(self.family, index, HIDDEN_LABEL)
+            self._track(hidden, index, HIDDEN_LABEL)
+            self._handles.append(layer.register_forward_hook(self._output_hook(hidden, index)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """Return each site's scales of all recorded passes, shape ``(n_sequences, seq_len)``."""
+        return {site: torch.cat(chunks, dim=0) for site, chunks in self.records.items() if chunks}
+
+    def _track(self, name: str, index: int, label: str) -> None:
+        self.records[name] = []
+        self.site_layers[name] = (index, label)
+
+    def _append(self, name: str, activation: torch.Tensor) -> None:
+        # (batch, seq, hidden) -> (batch, seq): a_t = max_j |x_tj|
+        scale = activation.detach().abs().amax(dim=-1).float().cpu()
+        self.records[name].append(scale.reshape(-1, scale.shape[-1]))
+
+    def _input_hook(self, name: str):
+        def hook(module, args):
+            self._append(name, args[0])
+
+        return hook
+
+    def _output_hook(self, name: str, index: int):
+        def hook(module, args, output):
+            self._append(name, output[0] if isinstance(output, tuple) else output)
+            if self.stop_after_layer is not None and index >= self.stop_after_layer:
+                raise StopForward
+
+        return hook
+
+
+@contextlib.contextmanager
+def record_token_scales(
+    model: nn.Module, family: Family | None = None, stop_after_layer: int | None = None
+) -> Iterator[TokenScaleRecorder]:
+    """Attach scale-recording hooks for the duration of the block; they are removed even on error.
+
+    With ``stop_after_layer=k`` every forward pass raises ``StopForward`` right after layer k,
+    so nothing beyond the layers of interest is computed; call ``forward_until`` to catch it.
+    """
+    recorder = TokenScaleRecorder(model, family or family_for(model), stop_after_layer)
+    recorder.attach()
+    try:
+        yield recorder
+    finally:
+        recorder.detach()
+
+
+def forward_until(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Run a forward pass that a ``stop_after_layer`` recorder may end early."""
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        pass

@@ -1,0 +1,97 @@
+"""Plotting helpers for the paper's figures. Each function returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .hooks import TokenScales
+
+FIGURE_SIZE = (7.0, 3.6)
+SITE_ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "hidden")
+
+
+def layer_max_table(scales: TokenScales) -> pd.DataFrame:
+    """Return one row per (layer, site label) with the largest and median token-wise scale."""
+    rows = []
+    for site, values in scales.scales.items():
+        layer, label = scales.site_layers[site]
+        rows.append({"layer": layer, "site": label, "max": float(values.max()), "median": float(values.median())})
+    frame = pd.DataFrame(rows)
+    frame["site"] = pd.Categorical(frame["site"], categories=SITE_ORDER, ordered=True)
+    return frame.sort_values(["site", "layer"]).reset_index(drop=True)
+
+
+def plot_layer_max(frame: pd.DataFrame, title: str) -> plt.Figure:
+    """Figure 1: per layer, the largest input magnitude of each module type and of the hidden state."""
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    for label in SITE_ORDER:
+        part = frame[frame["site"] == label]
+        if not part.empty:
+            style = "--" if label == "hidden" else "-"
+            axis.plot(part["layer"], part["max"], style, marker="o", markersize=3, label=label)
+    axis.set_yscale("log")
+    axis.set_xlabel("decoder layer")
+    axis.set_ylabel("max |x| over calibration tokens")
+    axis.set_title(title)
+    axis.grid(True, which="major", alpha=0.3)
+    axis.legend(fontsize=8, ncol=3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_token_scales(values, tokens: list[str], title: str, n_labels: int = 3) -> plt.Figure:
+    """Figure 2: token-wise scales of one sequence at one site, the largest ``n_labels`` tokens labelled."""
+    values = [float(v) for v in values]
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    axis.bar(range(len(values)), values, width=1.0, color="tab:blue")
+    axis.set_yscale("log")
+    axis.set_xlabel("token position")
+    axis.set_ylabel("token-wise scale max_j |x_tj|")
+    axis.set_title(title)
+    for position in sorted(range(len(values)), key=values.__getitem__, reverse=True)[:n_labels]:
+        axis.annotate(
+            repr(tokens[position]),
+            (position, values[position]),
+            textcoords="offset points",
+            xytext=(6, -2),
+            fontsize=8,
+            color="tab:red",
+        )
+    figure.tight_layout()
+    return figure
+
+
+def plot_threshold_tradeoff(
+    points: pd.DataFrame, chosen_alpha: float | None, reference: dict[str, float], title: str
+) -> plt.Figure:
+    """Figure 4: perplexity against the number of full-precision modules as alpha varies.
+
+    ``points`` has columns alpha, n_modules, ppl; ``reference`` maps labels such as "FP32" to
+    horizontal reference lines.
+    """
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    ordered = points.sort_values("n_modules")
+    axis.plot(ordered["n_modules"], ordered["ppl"], marker="o", label="W8A8 + QFeM")
+    for _, row in ordered.iterrows():
+        alpha = row["alpha"]
+        text = "inf" if alpha is None or (isinstance(alpha, float) and math.isinf(alpha)) else f"{alpha:.3g}"
+        axis.annotate(text, (row["n_modules"], row["ppl"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+    if chosen_alpha is not None:
+        chosen = ordered[ordered["alpha"] == chosen_alpha]
+        axis.scatter(chosen["n_modules"], chosen["ppl"], s=120, facecolors="none", edgecolors="tab:red", label="chosen alpha")
+    for (label, value), style in zip(reference.items(), (":", "--", "-.")):
+        axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.2f})")
+    axis.set_xlabel("modules with full-precision activations")
+    axis.set_ylabel("perplexity (held-out C4)")
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,120 @@
+"""End-to-end check of the DVC pipeline with the quick profile, in a scratch copy of the repository.
+
+Runs every notebook through ``dvc repro``, then checks that an unchanged pipeline reruns no
+stage and that changing one parameter reruns only the stage that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("SPIKELIB_DATA_DIR") or ROOT.parent / "shared" / "data")
+
+pytestmark = [
+    pytest.mark.pipeline,
+    pytest.mark.skipif(not MIRROR.is_dir(), reason=f"data mirror not found at {MIRROR}"),
+]
+
+EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff")
+METHODS = ["FP32", "W8A8", "W8A8+QFeP", "W8A8+QFeM", "W8A8+QFeM+QFeP"]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _dvc(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = _run([sys.executable, "-m", "dvc", *arguments], cwd)
+    assert result.returncode == 0, f"dvc {' '.join(arguments)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _changed_stages(cwd: Path) -> set[str]:
+    status = json.loads(_dvc(["status", "--json"], cwd).stdout or "{}")
+    return set(status)
+
+
+def _write_params(path: Path, edit=None) -> None:
+    params = yaml.safe_load((ROOT / "profiles" / "quick.yaml").read_text())
+    params["data"]["dir"] = str(MIRROR)
+    if edit:
+        edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def pipeline_copy(tmp_path_factory) -> Path:
+    """A scratch copy of the repository's tracked and untracked source files, after one ``dvc repro``."""
+    copy = tmp_path_factory.mktemp("pipeline")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    for relative in listed:
+        source = ROOT / relative
+        if source.is_file() and not relative.startswith(("results/", "figures/")) and relative != "dvc.lock":
+            (copy / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / relative)
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    _write_params(copy / "params.yaml")
+
+    _dvc(["repro"], copy)
+    return copy
+
+
+def test_repro_writes_figures(pipeline_copy):
+    for stem in EXPECTED_FIGURES:
+        for extension in ("png", "pdf"):
+            path = pipeline_copy / "figures" / f"{stem}.{extension}"
+            assert path.is_file(), f"missing {path}"
+            assert path.stat().st_size > 1000, f"{path} is suspiciously small"
+
+
+def test_repro_writes_main_table(pipeline_copy):
+    table = pd.read_csv(pipeline_copy / "results" / "main" / "main_table.csv")
+    assert table["method"].tolist() == METHODS
+    assert table["n_tokens"].nunique() == 1
+    assert (table["ppl"] > 1).all()
+    payload = json.loads((pipeline_copy / "results" / "main" / "main_table.json").read_text())
+    assert payload["provenance"]["parameters"]["ppl_windows"] == 3
+    assert payload["provenance"]["versions"]["torch"]
+
+
+def test_executed_notebooks_saved(pipeline_copy):
+    for name in ("01_calibration.ipynb", "02_main_results.ipynb"):
+        notebook = json.loads((pipeline_copy / "results" / "notebooks" / name).read_text())
+        assert notebook["metadata"]["papermill"]["exception"] in (None, False)
+
+
+def test_unchanged_pipeline_reruns_nothing(pipeline_copy):
+    assert _changed_stages(pipeline_copy) == set()
+
+
+def test_one_parameter_reruns_one_stage(pipeline_copy):
+    scales = pipeline_copy / "results" / "calibration" / "token_scales.pt"
+    before = scales.stat().st_mtime_ns
+
+    _write_params(pipeline_copy / "params.yaml", lambda p: p["main_results"].update(ppl_windows=2))
+    assert _changed_stages(pipeline_copy) == {"main_results"}
+    _dvc(["repro"], pipeline_copy)
+
+    assert scales.stat().st_mtime_ns == before
+    table = pd.read_csv(pipeline_copy / "results" / "main" / "main_table.csv")
+    assert table["n_tokens"].iloc[0] == 2 * 128
+    assert _changed_stages(pipeline_copy) == set()
+
+
+def test_calibration_parameter_marks_calibration(pipeline_copy):
+    _write_params(pipeline_copy / "params.yaml", lambda p: p["calibration"].update(n_windows=3))
+    assert _changed_stages(pipeline_copy) == {"calibration"}
