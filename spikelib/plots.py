@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -22,7 +23,7 @@ def layer_max_table(scales: TokenScales) -> pd.DataFrame:
     rows = []
     for site, values in scales.scales.items():
         layer, label = scales.site_layers[site]
-        rows.append({"layer": layer, "site": label, "max": float(values.max()), "median": float(values.median())})
+        rows.append({"layer": layer, "site": label, "max": float(values.max()), "median": float(np.median(values.double().numpy()))})
     frame = pd.DataFrame(rows)
     frame["site"] = pd.Categorical(frame["site"], categories=SITE_ORDER, ordered=True)
     return frame.sort_values(["site", "layer"]).reset_index(drop=True)

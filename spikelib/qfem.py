@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -33,8 +34,9 @@ def site_ratios(scales: TokenScales) -> dict[str, float]:
     input_sites = set(scales.module_sites.values())
     ratios = {}
     for site in input_sites:
-        values = scales.scales[site].flatten()
-        median = float(values.median())
+        values = scales.scales[site].flatten().double().numpy()
+        # numpy's median averages the two middle values of an even count; torch.median does not.
+        median = float(np.median(values))
         ratios[site] = float(values.max()) / median if median > 0 else math.inf
     return ratios
 
@@ -55,7 +57,7 @@ def select_modules(ratios: dict[str, float], alpha: float, module_sites: dict[st
 
 
 def threshold_grid(ratios: dict[str, float], n_thresholds: int) -> list[float]:
-    """Return alphas that exclude the top 1, 2, ..., n distinct ratios in turn, then +inf (plain W8A8).
+    """Return +inf (plain W8A8), then alphas that exclude the top 1, 2, ..., n distinct ratios in turn.
 
     Each alpha is the geometric mean of two consecutive distinct ratios, so small changes in
     calibration do not move a module across it.

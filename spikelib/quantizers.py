@@ -27,9 +27,9 @@ def integer_range(n_bits: int) -> tuple[int, int]:
 
 
 def absmax_to_scale(absmax: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Return the step size s = absmax / qmax, with all-zero inputs mapped to the smallest normal float."""
+    """Return the step size s = absmax / qmax, raised to the smallest normal float for all-zero inputs."""
     _, qmax = integer_range(n_bits)
-    return absmax.clamp(min=torch.finfo(absmax.dtype).tiny) / qmax
+    return (absmax / qmax).clamp(min=torch.finfo(absmax.dtype).tiny)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, n_bits: int) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""The command line on the embedded model: one JSON object per command, clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spikelib import cli
+
+
+def run_cli(capsys, arguments: list[str]) -> tuple[int, dict | None, str]:
+    code = cli.main(arguments)
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out) if captured.out.strip() else None
+    return code, payload, captured.err
+
+
+@pytest.mark.integration
+def test_ppl_prints_one_json_object(capsys, data_dir):
+    arguments = ["ppl", "--method", "w8a8+qfem+qfep", "--windows", "1", "--seq-len", "32", "--data-dir", str(data_dir),
+                 "--calib-windows", "2", "--search-windows", "1", "--n-thresholds", "2", "--context-candidates", "4",
+                 "--spike-candidates", "2", "--no-progress"]
+    code, payload, _ = run_cli(capsys, arguments)
+    assert code == 0
+    assert payload["method"] == "w8a8+qfem+qfep"
+    assert payload["n_tokens"] == 32
+    assert payload["ppl"] > 1
+    assert len(payload["prefix_ids"]) == 3
+    assert payload["n_fp_modules"] == len(payload["fp_modules"])
+
+
+@pytest.mark.integration
+def test_calibrate_saves_scales(capsys, data_dir, tmp_path):
+    output = tmp_path / "scales.pt"
+    arguments = ["calibrate", "--windows", "1", "--seq-len", "32", "--data-dir", str(data_dir), "--output", str(output),
+                 "--no-progress"]
+    code, payload, _ = run_cli(capsys, arguments)
+    assert code == 0
+    assert output.is_file()
+    assert payload["n_tokens"] == 32
+    assert payload["top_sites"][0]["ratio"] >= payload["top_sites"][-1]["ratio"]
+
+
+def test_negative_windows_rejected(capsys):
+    code, payload, err = run_cli(capsys, ["ppl", "--windows", "-1"])
+    assert code == 2
+    assert payload is None
+    assert "--windows must be positive" in err
+
+
+def test_missing_data_dir_reported(capsys, tmp_path):
+    missing = tmp_path / "absent"
+    code, payload, err = run_cli(capsys, ["calibrate", "--data-dir", str(missing)])
+    assert code == 1
+    assert payload is None
+    assert str(missing) in err
+    assert "SPIKELIB_DATA_DIR" in err
+
+
+def test_unknown_method_rejected():
+    with pytest.raises(SystemExit):
+        cli.main(["ppl", "--method", "w4a4"])
