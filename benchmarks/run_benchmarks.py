@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -72,27 +71,42 @@ def fake_quant_overhead(model, start_id, windows, repeats: int) -> dict:
 
 
 CHILD = """
-import resource, sys
+import json, sys, threading, time
+import psutil
 from spikelib import calibration, data, models
+
+process = psutil.Process()
 model, tokenizer = models.load_model(sys.argv[1])
-if sys.argv[2] == "calibrate":
-    start = models.start_token_id(tokenizer)
-    windows = calibration.sample_windows(tokenizer, data.c4_documents("train", sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), start, 0)
-    calibration.calibrate(model, windows, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+start = models.start_token_id(tokenizer)
+windows = calibration.sample_windows(tokenizer, data.c4_documents("train", sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), start, 0)
+baseline = process.memory_info().rss
+peak = [baseline]
+done = threading.Event()
+
+def sample():
+    while not done.wait(0.02):
+        peak[0] = max(peak[0], process.memory_info().rss)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+scales = calibration.calibrate(model, windows, progress=False)
+done.set()
+sampler.join()
+stored = sum(values.numel() * values.element_size() for values in scales.scales.values())
+print(json.dumps({"before_mb": baseline / 2**20, "peak_mb": peak[0] / 2**20, "scales_mb": stored / 2**20}))
 """
 
 
-def child_peak_mb(arguments: list[str]) -> float:
-    result = subprocess.run([sys.executable, "-c", CHILD, *arguments], capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
-
-
 def calibration_memory(model_name: str, data_dir: str, n_windows: int, seq_len: int) -> dict:
-    load_only = child_peak_mb([model_name, "load", data_dir, "0", "0"])
-    calibrate = child_peak_mb([model_name, "calibrate", data_dir, str(n_windows), str(seq_len)])
-    return {"load_only_peak_mb": load_only, "calibration_peak_mb": calibrate, "calibration_extra_mb": calibrate - load_only,
-            "n_windows": n_windows, "seq_len": seq_len}
+    """Run calibration in a child process and sample its resident memory every 20 ms.
+
+    Returns the RSS before calibration (model loaded, windows sampled), the peak during it, and the
+    size of the recorded scales.
+    """
+    command = [sys.executable, "-c", CHILD, model_name, data_dir, str(n_windows), str(seq_len)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**measured, "extra_mb": measured["peak_mb"] - measured["before_mb"], "n_windows": n_windows, "seq_len": seq_len}
 
 
 def pipeline_wall_time(data_dir: str) -> dict:
@@ -143,8 +157,8 @@ def main() -> None:
     print(f"hooks overhead over a plain forward pass: {report['hooks']['overhead']:+.1%} (target < 10%)")
     print(f"fake-quantized W8A8 evaluation over FP32: {report['fake_quant_eval']['overhead']:+.1%} (target < 15%)")
     memory = report["calibration_memory"]
-    print(f"calibration peak RSS: {memory['calibration_peak_mb']:.0f} MB "
-          f"(model load alone {memory['load_only_peak_mb']:.0f} MB)")
+    print(f"calibration of {memory['n_windows']} x {memory['seq_len']} tokens: RSS {memory['before_mb']:.0f} MB before, "
+          f"peak {memory['peak_mb']:.0f} MB during (+{memory['extra_mb']:.0f} MB); recorded scales {memory['scales_mb']:.1f} MB")
     if args.pipeline:
         print(f"default dvc repro: {report['pipeline']['default_dvc_repro_s'] / 60:.1f} min (target < 30 min)")
     print(json.dumps(report))

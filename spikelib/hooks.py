@@ -1,4 +1,4 @@
-"""Forward hooks that record token-wise input scales (paper section 3).
+"""Forward hooks that record token-wise input scales (Yang, Kim and Kim, 2024, arXiv:2405.14428, section 3).
 
 For every decoder layer the recorder keeps, per token t, the scale a_t = max_j |x_tj| of the
 input x of each linear module (siblings that share an input are recorded once) and of the

@@ -1,4 +1,4 @@
-"""Plotting helpers for the paper's figures. Each function returns a matplotlib Figure."""
+"""Plotting helpers for the figures of Yang, Kim and Kim (2024). Each function returns a matplotlib Figure."""
 
 from __future__ import annotations
 

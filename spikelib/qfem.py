@@ -1,11 +1,12 @@
-"""QFeM, the quantization-free module (paper section 4.1), and the search for its threshold alpha.
+"""QFeM, the quantization-free module and the search for its threshold alpha.
 
 For each linear module m, r(m) = max_t a_t / median_t a_t over the token-wise input scales a_t
 of the calibration tokens. A large r means a few spike tokens set the per-tensor scale. Modules
 with r(m) > alpha keep full-precision activations; their weights stay INT8. Siblings that read
 the same input (q/k/v, gate/up) share one ratio, so they are always excluded together.
 
-Threshold search (described in the paper, not shipped with its code): for a grid of alphas,
+Source: Yang, Kim and Kim (2024), arXiv:2405.14428, section 4.1. Its threshold search is described
+there but not shipped with the authors' code. spikelib's version: for a grid of alphas,
 measure the quantized model's perplexity on held-out calibration text. The chosen alpha is the
 largest one whose perplexity is within ``tolerance`` (relative) of the best perplexity on the
 grid, i.e. the fewest full-precision modules that give nearly all of the attainable gain.

@@ -1,11 +1,11 @@
-"""QFeP, the quantization-free prefix (paper section 4.2).
+"""QFeP, the quantization-free prefix (Yang, Kim and Kim, 2024, arXiv:2405.14428, section 4.2).
 
 Activation spikes sit on the first occurrence of a few tokens. If a short prefix that
 contains such a token is computed once in full precision and its key/value cache is put in
 front of every quantized forward pass, later tokens no longer spike and per-tensor
 activation scales stay small.
 
-Prefix search, as the paper describes it: the target is the input site with the largest
+Prefix search, as that section describes it: the target is the input site with the largest
 max/median ratio r; candidate spike tokens t are the tokens at its largest-scale positions
 (the opening BOS excluded); candidate context tokens c are the most frequent calibration
 tokens. Each pair is scored on ``[BOS, c, t, c, t]`` by the target's scale at the first t

@@ -68,7 +68,7 @@ def quantize_activation_static(x: torch.Tensor, absmax: torch.Tensor, n_bits: in
 class QuantConfig:
     """W8A8 setting: bit width and the weight and activation granularities.
 
-    ``act_granularity`` is ``per-tensor`` (dynamic, the paper's main setting), ``per-token``
+    ``act_granularity`` is ``per-tensor`` (dynamic, the main setting of Yang, Kim and Kim, 2024), ``per-token``
     (dynamic) or ``static`` (per-tensor, from calibrated scales).
     """
 
