@@ -84,12 +84,25 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     return result.stdout.strip() or None
 
 
+def git_has_changes(cwd: str | os.PathLike | None = None) -> bool | None:
+    """Return whether tracked files differ from the current commit, or None outside a repository."""
+    try:
+        result = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, check=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(result.stdout.strip())
+
+
 def provenance(parameters: dict[str, Any]) -> dict[str, Any]:
     """Return the record stored beside every result: parameters, package versions, commit, machine."""
     return {
         "parameters": parameters,
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "git_uncommitted_changes": git_has_changes(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -50,7 +50,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, prog
     family = family_for(model)
     device = next(model.parameters()).device
     batches = windows.split(batch_size)
-    with record_token_scales(model, family) as recorder:
+    with record_token_scales(model, family, capacity=len(windows)) as recorder:
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
             model(input_ids=batch.to(device), use_cache=False)
     return TokenScales(

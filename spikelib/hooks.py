@@ -64,14 +64,50 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once the layers of interest have run."""
 
 
+class _RowBuffer:
+    """Equal-length rows appended into one preallocated float32 tensor that doubles when full.
+
+    Writing into a preallocated tensor matters on CPU: keeping thousands of small per-pass tensors
+    alive between the large temporaries of each forward pass fragmented glibc's heap, and resident
+    memory grew by about 500 MB per batch of 4 x 512 tokens on a 135M-parameter model.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.data: torch.Tensor | None = None
+        self.rows = 0
+        self.passes = 0
+
+    def append(self, values: torch.Tensor) -> None:
+        batch, length = values.shape
+        if self.data is None:
+            self.data = torch.empty(max(self.capacity, batch), length)
+        elif length != self.data.shape[1]:
+            raise ValueError(
+                f"sequences of length {length} and {self.data.shape[1]} recorded together; record sequences "
+                "of one length per recorder"
+            )
+        if self.rows + batch > self.data.shape[0]:
+            grown = torch.empty(max(2 * self.data.shape[0], self.rows + batch), length)
+            grown[: self.rows] = self.data[: self.rows]
+            self.data = grown
+        self.data[self.rows : self.rows + batch].copy_(values)
+        self.rows += batch
+        self.passes += 1
+
+    def tensor(self) -> torch.Tensor:
+        return self.data[: self.rows].clone()
+
+
 class TokenScaleRecorder:
     """Hooks that append the token-wise scales of each forward pass; use ``record_token_scales``."""
 
-    def __init__(self, model: nn.Module, family: Family, stop_after_layer: int | None = None):
+    def __init__(self, model: nn.Module, family: Family, stop_after_layer: int | None = None, capacity: int = 64):
         self.model = model
         self.family = family
         self.stop_after_layer = stop_after_layer
-        self.records: dict[str, list[torch.Tensor]] = {}
+        self.capacity = capacity
+        self.records: dict[str, _RowBuffer] = {}
         self.site_layers: dict[str, tuple[int, str]] = {}
         self.module_sites: dict[str, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -97,15 +133,19 @@ class TokenScaleRecorder:
 
     def scales(self) -> dict[str, torch.Tensor]:
         """Return each site's scales of all recorded passes, shape ``(n_sequences, seq_len)``."""
-        return {site: torch.cat(chunks, dim=0) for site, chunks in self.records.items() if chunks}
+        return {site: buffer.tensor() for site, buffer in self.records.items() if buffer.rows}
+
+    def passes(self) -> dict[str, int]:
+        """Return how many forward passes each site has recorded."""
+        return {site: buffer.passes for site, buffer in self.records.items()}
 
     def _track(self, name: str, index: int, label: str) -> None:
-        self.records[name] = []
+        self.records[name] = _RowBuffer(self.capacity)
         self.site_layers[name] = (index, label)
 
     def _append(self, name: str, activation: torch.Tensor) -> None:
-        # (batch, seq, hidden) -> (batch, seq): a_t = max_j |x_tj|
-        scale = activation.detach().abs().amax(dim=-1).float().cpu()
+        # (batch, seq, hidden) -> (batch, seq): a_t = max_j |x_tj|, without a full-size abs() copy.
+        scale = torch.linalg.vector_norm(activation.detach(), ord=float("inf"), dim=-1).float().cpu()
         self.records[name].append(scale.reshape(-1, scale.shape[-1]))
 
     def _input_hook(self, name: str):
@@ -125,14 +165,15 @@ class TokenScaleRecorder:
 
 @contextlib.contextmanager
 def record_token_scales(
-    model: nn.Module, family: Family | None = None, stop_after_layer: int | None = None
+    model: nn.Module, family: Family | None = None, stop_after_layer: int | None = None, capacity: int = 64
 ) -> Iterator[TokenScaleRecorder]:
     """Attach scale-recording hooks for the duration of the block; they are removed even on error.
 
     With ``stop_after_layer=k`` every forward pass raises ``StopForward`` right after layer k,
     so nothing beyond the layers of interest is computed; call ``forward_until`` to catch it.
+    ``capacity`` is the number of sequences to preallocate for; more are accepted.
     """
-    recorder = TokenScaleRecorder(model, family or family_for(model), stop_after_layer)
+    recorder = TokenScaleRecorder(model, family or family_for(model), stop_after_layer, capacity)
     recorder.attach()
     try:
         yield recorder

@@ -86,7 +86,7 @@ def score_pairs(
     device = next(model.parameters()).device
     sequences = torch.tensor([[start_token_id, c, t, c, t] for c, t in pairs], dtype=torch.long)
     family = family_for(model)
-    with record_token_scales(model, family, stop_after_layer=target_layer) as recorder:
+    with record_token_scales(model, family, stop_after_layer=target_layer, capacity=len(pairs)) as recorder:
         for batch in tqdm(sequences.split(batch_size), desc="prefix search", unit="batch", disable=not progress):
             forward_until(model, batch.to(device))
     target = recorder.scales()[target_site]

@@ -134,7 +134,7 @@ def test_siblings_recorded_once(tiny_model):
         }
         with torch.no_grad():
             tiny_model(input_ids=random_ids(1, 4), use_cache=False)
-        record_counts = {site: len(chunks) for site, chunks in recorder.records.items()}
+        record_counts = recorder.passes()
 
     assert attached == {
         "self_attn.q_proj": 1,
@@ -184,7 +184,7 @@ def test_stop_after_layer_skips_later(tiny_model_3layers):
 
     assert set(scales) == {f"model.layers.0.{label}" for label in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "hidden")}
     for index in (1, 2):
-        assert recorder.records[f"model.layers.{index}.qkv_proj"] == [], index
+        assert recorder.passes()[f"model.layers.{index}.qkv_proj"] == 0, index
 
 
 def test_stop_after_layer_same_values(tiny_model_3layers):
@@ -286,3 +286,25 @@ def test_family_for_rejects_unknown(tiny_model):
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'") as raised:
         family_for(tiny_model)
     assert "llama, mistral, qwen2, qwen3" in str(raised.value)
+
+
+def test_recorder_grows_past_capacity(tiny_model):
+    first, second = random_ids(2, 5), random_ids(3, 5)
+    with record_token_scales(tiny_model, capacity=1) as small, torch.no_grad():
+        tiny_model(input_ids=first, use_cache=False)
+        tiny_model(input_ids=second, use_cache=False)
+    with record_token_scales(tiny_model) as reference, torch.no_grad():
+        tiny_model(input_ids=torch.cat([first, second]), use_cache=False)
+
+    grown, expected = small.scales(), reference.scales()
+    for site in expected:
+        assert grown[site].shape == (5, 5), site
+        assert torch.allclose(grown[site], expected[site], rtol=1e-5, atol=1e-6), site
+
+
+def test_recorder_rejects_mixed_lengths(tiny_model):
+    with record_token_scales(tiny_model) as recorder, torch.no_grad():
+        tiny_model(input_ids=random_ids(1, 5), use_cache=False)
+        with pytest.raises(ValueError, match="one length per recorder"):
+            tiny_model(input_ids=random_ids(1, 6), use_cache=False)
+    assert recorder.passes()["model.layers.0.qkv_proj"] == 1
