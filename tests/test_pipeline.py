@@ -45,11 +45,15 @@ def _changed_stages(cwd: Path) -> set[str]:
     return set(status)
 
 
-def _write_params(path: Path, edit=None) -> None:
+def _write_params(path: Path) -> None:
     params = yaml.safe_load((ROOT / "profiles" / "quick.yaml").read_text())
     params["data"]["dir"] = str(MIRROR)
-    if edit:
-        edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _edit_params(path: Path, edit) -> None:
+    params = yaml.safe_load(path.read_text())
+    edit(params)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -105,7 +109,7 @@ def test_one_parameter_reruns_one_stage(pipeline_copy):
     scales = pipeline_copy / "results" / "calibration" / "token_scales.pt"
     before = scales.stat().st_mtime_ns
 
-    _write_params(pipeline_copy / "params.yaml", lambda p: p["main_results"].update(ppl_windows=2))
+    _edit_params(pipeline_copy / "params.yaml", lambda p: p["main_results"].update(ppl_windows=2))
     assert _changed_stages(pipeline_copy) == {"main_results"}
     _dvc(["repro"], pipeline_copy)
 
@@ -116,5 +120,5 @@ def test_one_parameter_reruns_one_stage(pipeline_copy):
 
 
 def test_calibration_parameter_marks_calibration(pipeline_copy):
-    _write_params(pipeline_copy / "params.yaml", lambda p: p["calibration"].update(n_windows=3))
+    _edit_params(pipeline_copy / "params.yaml", lambda p: p["calibration"].update(n_windows=3))
     assert _changed_stages(pipeline_copy) == {"calibration"}
