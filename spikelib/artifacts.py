@@ -29,10 +29,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        # mkstemp creates files readable by the owner only; give results the usual mode.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:

@@ -7,7 +7,7 @@ import random
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .architectures import family_for
 from .hooks import TokenScales, record_token_scales

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import calibration, data, models, perplexity, qfem, qfep, quantizers
@@ -18,7 +19,7 @@ METHODS = ("fp", "w8a8", "w8a8+qfep", "w8a8+qfem", "w8a8+qfem+qfep")
 
 
 def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_windows: int) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="zoo short name, Hugging Face name, local folder or .gguf path")
+    parser.add_argument("--model", default="smollm2-135m", help="zoo short name, Hugging Face name, local folder or .gguf path (default: smollm2-135m)")
     parser.add_argument("--data-dir", default=None, help="local data mirror folder (default: $SPIKELIB_DATA_DIR, else the Hugging Face hub)")
     parser.add_argument("--windows", type=int, default=default_windows, metavar="N", help=windows_help)
     parser.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per window (default: 512)")
@@ -28,9 +29,10 @@ def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_wind
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_calibration_source(parser: argparse.ArgumentParser) -> None:
+def _add_calibration_source(parser: argparse.ArgumentParser, calib_windows_option: bool) -> None:
     parser.add_argument("--scales", default=None, help="token scales saved by `spikelib calibrate --output` (skips calibration)")
-    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows when --scales is not given (default: 32)")
+    if calib_windows_option:
+        parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows when --scales is not given (default: 32)")
 
 
 def _add_qfem_options(parser: argparse.ArgumentParser) -> None:
@@ -54,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--output", default=None, help="save the token scales to this .pt file")
 
     qfem_parser = commands.add_parser("qfem", help="compute r(m) and choose the QFeM modules")
-    _add_common(qfem_parser, "calibration windows (default: 32)", 32)
-    _add_calibration_source(qfem_parser)
+    _add_common(qfem_parser, "calibration windows when --scales is not given (default: 32)", 32)
+    _add_calibration_source(qfem_parser, calib_windows_option=False)
     _add_qfem_options(qfem_parser)
 
     qfep_parser = commands.add_parser("qfep", help="search the QFeP prefix")
-    _add_common(qfep_parser, "calibration windows (default: 32)", 32)
-    _add_calibration_source(qfep_parser)
+    _add_common(qfep_parser, "calibration windows when --scales is not given (default: 32)", 32)
+    _add_calibration_source(qfep_parser, calib_windows_option=False)
     _add_qfep_options(qfep_parser)
 
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity of one configuration")
     _add_common(ppl, "WikiText-2 test windows to evaluate; 0 for all (default: 16)", 16)
     ppl.add_argument("--method", default="fp", choices=METHODS, help="configuration to evaluate (default: fp)")
-    _add_calibration_source(ppl)
+    _add_calibration_source(ppl, calib_windows_option=True)
     _add_qfem_options(ppl)
     _add_qfep_options(ppl)
     return parser
@@ -134,7 +136,7 @@ def run_calibrate(args) -> dict[str, Any]:
 
 def run_qfem(args) -> dict[str, Any]:
     model, tokenizer, start_id = _load(args)
-    scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+    scales = _scales(args, model, tokenizer, start_id, args.windows)
     quantized = quantizers.quantize_model(model)
     selection = _qfem_selection(args, model, tokenizer, start_id, scales, quantized)
     ratios = qfem.site_ratios(scales)
@@ -144,7 +146,7 @@ def run_qfem(args) -> dict[str, Any]:
 
 def run_qfep(args) -> dict[str, Any]:
     model, tokenizer, start_id = _load(args)
-    scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+    scales = _scales(args, model, tokenizer, start_id, args.windows)
     return {"model": args.model, **_prefix_search(args, model, tokenizer, start_id, scales).to_dict()}
 
 
@@ -174,22 +176,42 @@ def run_ppl(args) -> dict[str, Any]:
     return report
 
 
+def _check_arguments(args) -> str | None:
+    """Return a message for the first invalid argument, before anything slow runs."""
+    minimum_windows = 0 if args.command == "ppl" else 1
+    if args.windows < minimum_windows:
+        return f"--windows must be at least {minimum_windows}, got {args.windows}"
+    if args.seq_len < 2:
+        return f"--seq-len must be at least 2 (a start token and one scored token), got {args.seq_len}"
+    if getattr(args, "calib_windows", 1) < 1:
+        return f"--calib-windows must be at least 1, got {args.calib_windows}"
+    scales = getattr(args, "scales", None)
+    if scales and args.command == "ppl" and args.method in ("fp", "w8a8"):
+        return f"--scales is not used by --method {args.method}; drop it or pick a method with qfem or qfep"
+    if scales and not Path(scales).is_file():
+        return f"--scales file not found: {scales}; write one with `spikelib calibrate --output FILE`"
+    return None
+
+
 COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("windows", "seq_len"):
-        value = getattr(args, name)
-        if value < (0 if name == "windows" and args.command == "ppl" else 1):
-            print(f"spikelib: error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
-            return 2
+    problem = _check_arguments(args)
+    if problem:
+        print(f"spikelib {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         data.resolve_data_dir(args.data_dir)  # fail before the model loads
         report = COMMANDS[args.command](args)
     except (data.DataUnavailableError, models.ModelDownloadError, models.ChecksumMismatchError,
-            FileNotFoundError, ValueError, KeyError) as error:
+            models.ModelNotFoundError, FileNotFoundError, ValueError, KeyError) as error:
         print(f"spikelib {args.command}: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, default=_json_value))

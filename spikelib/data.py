@@ -41,7 +41,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     folder = Path(chosen).expanduser()
     if not folder.is_dir():
         raise DataUnavailableError(
-            f"data mirror folder not found: {folder}. Point data_dir (or {DATA_DIR_ENV}) at a "
+            f"data mirror folder not found: {folder}. Point --data-dir, data.dir in params.yaml or {DATA_DIR_ENV} at a "
             "folder laid out like wikitext-2-raw-v1/test.txt and c4/train_sample.jsonl, or unset "
             "it to load the Hugging Face data sets."
         )

@@ -56,6 +56,10 @@ class ModelDownloadError(RuntimeError):
     """Raised when a zoo model is neither cached nor downloadable."""
 
 
+class ModelNotFoundError(ValueError):
+    """Raised when a model name matches no zoo entry, local path or loadable Hugging Face model."""
+
+
 class ChecksumMismatchError(RuntimeError):
     """Raised when a downloaded model file does not match its recorded sha256."""
 
@@ -165,8 +169,17 @@ def load_model(
         source, kwargs = name, {}
 
     logger.info("loading %s (%s, %s)", name, device, torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        if kwargs or Path(name).is_dir():
+            raise
+        raise ModelNotFoundError(
+            f"model not found: {name!r} is neither a zoo short name ({', '.join(sorted(ZOO))}), a local "
+            f"folder, a .gguf file, nor a Hugging Face model that could be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]})"
+        ) from error
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer

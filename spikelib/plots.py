@@ -10,6 +10,7 @@ import numpy as np
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
 from .hooks import TokenScales
@@ -82,13 +83,14 @@ def plot_threshold_tradeoff(
     axis.plot(ordered["n_modules"], ordered["ppl"], marker="o", label="W8A8 + QFeM")
     for _, row in ordered.iterrows():
         alpha = row["alpha"]
-        text = "inf" if alpha is None or (isinstance(alpha, float) and math.isinf(alpha)) else f"{alpha:.3g}"
+        text = "α=inf" if alpha is None or (isinstance(alpha, float) and math.isinf(alpha)) else f"α={alpha:.3g}"
         axis.annotate(text, (row["n_modules"], row["ppl"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
     if chosen_alpha is not None:
         chosen = ordered[ordered["alpha"] == chosen_alpha]
         axis.scatter(chosen["n_modules"], chosen["ppl"], s=120, facecolors="none", edgecolors="tab:red", label="chosen alpha")
     for (label, value), style in zip(reference.items(), (":", "--", "-.")):
         axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.2f})")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("modules with full-precision activations")
     axis.set_ylabel("perplexity (held-out C4)")
     axis.set_title(title)

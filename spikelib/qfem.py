@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .hooks import TokenScales
 from .quantizers import set_full_precision_inputs

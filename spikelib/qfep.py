@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .architectures import family_for
 from .hooks import TokenScales, forward_until, record_token_scales

@@ -46,7 +46,7 @@ def test_negative_windows_rejected(capsys):
     code, payload, err = run_cli(capsys, ["ppl", "--windows", "-1"])
     assert code == 2
     assert payload is None
-    assert "--windows must be positive" in err
+    assert "--windows must be at least 0" in err
 
 
 def test_missing_data_dir_reported(capsys, tmp_path):
@@ -61,3 +61,20 @@ def test_missing_data_dir_reported(capsys, tmp_path):
 def test_unknown_method_rejected():
     with pytest.raises(SystemExit):
         cli.main(["ppl", "--method", "w4a4"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["ppl", "--seq-len", "1"], "--seq-len must be at least 2"),
+        (["qfem", "--windows", "0"], "--windows must be at least 1"),
+        (["ppl", "--calib-windows", "0", "--method", "w8a8+qfem"], "--calib-windows must be at least 1"),
+        (["ppl", "--method", "w8a8", "--scales", "scales.pt"], "--scales is not used by --method w8a8"),
+        (["qfep", "--scales", "/nonexistent/scales.pt"], "--scales file not found: /nonexistent/scales.pt"),
+    ],
+)
+def test_invalid_arguments_rejected_early(capsys, arguments, message):
+    code, payload, err = run_cli(capsys, arguments)
+    assert code == 2
+    assert payload is None
+    assert message in err

@@ -261,3 +261,11 @@ def test_start_token_zero_bos():
 def test_start_token_neither():
     with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
         start_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=None))
+
+
+def test_unknown_model_name_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(models.ModelNotFoundError, match="model not found") as raised:
+        models.load_model(missing)
+    assert "smollm2-135m" in str(raised.value)
