@@ -9,6 +9,7 @@ grows with the number of tokens and sites, not with the hidden size.
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -49,8 +50,12 @@ class TokenScales:
             "site_layers": {site: list(value) for site, value in self.site_layers.items()},
             "metadata": self.metadata,
         }
+        # torch.save names the archive's root folder after a file's name, which would be the random
+        # temporary name; saving to a buffer names it "archive", so equal scales give equal bytes.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with atomic_path(path, ".pt") as temporary:
-            torch.save(payload, temporary)
+            temporary.write_bytes(buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenScales":

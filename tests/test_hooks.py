@@ -308,3 +308,10 @@ def test_recorder_rejects_mixed_lengths(tiny_model):
         with pytest.raises(ValueError, match="one length per recorder"):
             tiny_model(input_ids=random_ids(1, 6), use_cache=False)
     assert recorder.passes()["model.layers.0.qkv_proj"] == 1
+
+
+def test_saved_scales_bytes_reproducible(tiny_model, tmp_path):
+    scales = calibrate(tiny_model, random_ids(2, 5), progress=False)
+    scales.save(tmp_path / "first.pt")
+    scales.save(tmp_path / "second.pt")
+    assert (tmp_path / "first.pt").read_bytes() == (tmp_path / "second.pt").read_bytes()
