@@ -17,27 +17,48 @@ class InputSite:
 
     ``label`` names the site in tables and figures; ``modules`` are paths relative to the
     decoder layer. Siblings (q/k/v, gate/up) share one token-wise scale and one QFeM decision.
+    ``norm`` is the normalization layer whose output is exactly this input, so that SmoothQuant
+    can fold its smoothing factors into the norm's weight; it is None where another operation
+    comes between them (o_proj, down_proj).
     """
 
     label: str
     modules: tuple[str, ...]
+    norm: str | None = None
 
 
 @dataclass(frozen=True)
 class Family:
-    """Module layout of one decoder family."""
+    """Module layout of one decoder family.
+
+    ``norm_offset`` is 0 for norms that compute ``w * normalize(x)`` and 1 for the Gemma norms
+    that compute ``(1 + w) * normalize(x)``.
+    """
 
     name: str
     model_types: tuple[str, ...]
     layers: str
     sites: tuple[InputSite, ...]
     glu: bool
+    norm_offset: float = 0.0
 
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 _LLAMA_SITES = (
-    InputSite("qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    InputSite("qkv_proj", _QKV, norm="input_layernorm"),
     InputSite("o_proj", ("self_attn.o_proj",)),
-    InputSite("gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    InputSite("gate_up_proj", _GATE_UP, norm="post_attention_layernorm"),
+    InputSite("down_proj", ("mlp.down_proj",)),
+)
+
+# Gemma-2 and Gemma-3 normalize the attention output (post_attention_layernorm) and feed the
+# MLP from a separate pre_feedforward_layernorm.
+_GEMMA2_SITES = (
+    InputSite("qkv_proj", _QKV, norm="input_layernorm"),
+    InputSite("o_proj", ("self_attn.o_proj",)),
+    InputSite("gate_up_proj", _GATE_UP, norm="pre_feedforward_layernorm"),
     InputSite("down_proj", ("mlp.down_proj",)),
 )
 
@@ -48,6 +69,22 @@ FAMILIES: dict[str, Family] = {
         layers="model.layers",
         sites=_LLAMA_SITES,
         glu=True,
+    ),
+    "gemma": Family(
+        name="gemma",
+        model_types=("gemma",),
+        layers="model.layers",
+        sites=_LLAMA_SITES,
+        glu=True,
+        norm_offset=1.0,
+    ),
+    "gemma2": Family(
+        name="gemma2",
+        model_types=("gemma2", "gemma3_text"),
+        layers="model.layers",
+        sites=_GEMMA2_SITES,
+        glu=True,
+        norm_offset=1.0,
     ),
 }
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import calibration, data, models, perplexity, qfem, qfep, quantizers
+from . import calibration, data, methods, models, perplexity, qfem, qfep, quantizers
 from .hooks import TokenScales
 
-METHODS = ("fp", "w8a8", "w8a8+qfep", "w8a8+qfem", "w8a8+qfem+qfep")
+METHODS = methods.METHODS
 
 
 def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_windows: int) -> None:
@@ -32,7 +32,7 @@ def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_wind
 def _add_calibration_source(parser: argparse.ArgumentParser, calib_windows_option: bool) -> None:
     parser.add_argument("--scales", default=None, help="token scales saved by `spikelib calibrate --output` (skips calibration)")
     if calib_windows_option:
-        parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows when --scales is not given (default: 32)")
+        parser.add_argument("--calib-windows", type=int, default=32, help="C4 calibration windows for the token scales (when --scales is not given), SmoothQuant and static scales (default: 32)")
 
 
 def _add_qfem_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity of one configuration")
     _add_common(ppl, "WikiText-2 test windows to evaluate; 0 for all (default: 16)", 16)
     ppl.add_argument("--method", default="fp", choices=METHODS, help="configuration to evaluate (default: fp)")
+    ppl.add_argument("--act-granularity", default="per-tensor", choices=quantizers.ACTIVATION_GRANULARITIES,
+                     help="activation quantization: per-tensor dynamic, per-token dynamic, or per-tensor static "
+                          "from calibrated maxima (default: per-tensor)")
+    ppl.add_argument("--sq-alpha", type=float, default=0.5,
+                     help="SmoothQuant migration strength from 0 to 1, for the sq methods (default: 0.5)")
+    ppl.add_argument("--quantize-attention", action="store_true",
+                     help="also fake-quantize the attention matmul inputs Q, K and V to INT8")
     _add_calibration_source(ppl, calib_windows_option=True)
     _add_qfem_options(ppl)
     _add_qfep_options(ppl)
@@ -152,26 +159,39 @@ def run_qfep(args) -> dict[str, Any]:
 
 def run_ppl(args) -> dict[str, Any]:
     model, tokenizer, start_id = _load(args)
+    method = methods.Method.parse(args.method)
     test_ids = tokenizer(data.wikitext2_test_text(args.data_dir), add_special_tokens=False)["input_ids"]
     windows = perplexity.split_windows(test_ids, args.seq_len, args.windows or None)
     report: dict[str, Any] = {"model": args.model, "method": args.method, "seq_len": args.seq_len}
+    if method.quantize:
+        report["act_granularity"] = args.act_granularity
 
-    evaluated, prefix = model, None
-    if args.method != "fp":
-        evaluated = quantizers.quantize_model(model)
-    if "qfem" in args.method or "qfep" in args.method:
+    qfem_modules, prefix_ids = [], None
+    if method.qfem or method.qfep:
         scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
-    if "qfem" in args.method:
-        selection = _qfem_selection(args, model, tokenizer, start_id, scales, evaluated)
-        report.update({"alpha": selection["alpha"], "n_fp_modules": selection["n_modules"], "fp_modules": selection["modules"]})
-    if "qfep" in args.method:
+    if method.qfem:
+        # The threshold is chosen on plain per-tensor W8A8; every qfem method reuses its modules.
+        selection = _qfem_selection(args, model, tokenizer, start_id, scales, quantizers.quantize_model(model))
+        qfem_modules = selection["modules"]
+        report.update({"alpha": selection["alpha"], "n_fp_modules": selection["n_modules"], "fp_modules": qfem_modules})
+    if method.qfep:
         search = _prefix_search(args, model, tokenizer, start_id, scales)
-        prefix = qfep.PrefixCache(model, search.prefix_ids)
+        prefix_ids = search.prefix_ids
         report.update({"prefix_ids": search.prefix_ids, "prefix_tokens": search.prefix_tokens})
 
-    result = perplexity.evaluate_perplexity(
-        evaluated, windows, None if prefix else start_id, prefix, progress=not args.no_progress, description=args.method
-    )
+    calibration_windows = None
+    if method.smooth or (method.quantize and args.act_granularity == "static"):
+        documents = data.c4_documents("train", args.data_dir)
+        calibration_windows = calibration.sample_windows(tokenizer, documents, args.calib_windows, args.seq_len, start_id, args.seed)
+    builder = methods.ConfigurationBuilder(model, calibration_windows, qfem_modules, prefix_ids, args.sq_alpha,
+                                           progress=not args.no_progress)
+    configuration = builder.build(method, args.act_granularity, args.quantize_attention)
+    if method.smooth:
+        report["sq_alpha"] = args.sq_alpha
+    if args.quantize_attention:
+        report["quantized_attention"] = True
+
+    result = methods.evaluate(configuration, windows, start_id, progress=not args.no_progress, description=args.method)
     report.update(result.to_dict())
     return report
 
@@ -185,8 +205,12 @@ def _check_arguments(args) -> str | None:
         return f"--seq-len must be at least 2 (a start token and one scored token), got {args.seq_len}"
     if getattr(args, "calib_windows", 1) < 1:
         return f"--calib-windows must be at least 1, got {args.calib_windows}"
+    if args.command == "ppl" and not 0.0 <= args.sq_alpha <= 1.0:
+        return f"--sq-alpha must be from 0 to 1, got {args.sq_alpha}"
+    if args.command == "ppl" and args.method == "fp" and args.quantize_attention:
+        return "--quantize-attention needs a quantized method; pick one starting with w8a8"
     scales = getattr(args, "scales", None)
-    if scales and args.command == "ppl" and args.method in ("fp", "w8a8"):
+    if scales and args.command == "ppl" and "qfem" not in args.method and "qfep" not in args.method:
         return f"--scales is not used by --method {args.method}; drop it or pick a method with qfem or qfep"
     if scales and not Path(scales).is_file():
         return f"--scales file not found: {scales}; write one with `spikelib calibrate --output FILE`"

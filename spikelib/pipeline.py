@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 STAGES = {
     "calibration": "notebooks/01_calibration.ipynb",
     "main_results": "notebooks/02_main_results.ipynb",
+    "smoothquant": "notebooks/03_smoothquant.ipynb",
+    "granularity": "notebooks/04_granularity.ipynb",
+    "module_ablation": "notebooks/05_module_ablation.ipynb",
+    "prefix_ablation": "notebooks/06_prefix_ablation.ipynb",
 }
 EXECUTED_DIR = Path("results/notebooks")
 

@@ -98,3 +98,32 @@ def plot_threshold_tradeoff(
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def plot_perplexity_bars(
+    frame: pd.DataFrame, group: str, series: str | None, title: str, reference: dict[str, float] | None = None
+) -> plt.Figure:
+    """Bar chart of ``ppl`` per ``group`` (x axis), one bar per ``series`` value within a group.
+
+    Used by the SmoothQuant, granularity and ablation figures. ``reference`` draws horizontal
+    lines, e.g. ``{"FP32": 30.2}``. The value of each bar is written above it.
+    """
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    groups = list(dict.fromkeys(frame[group]))
+    names = list(dict.fromkeys(frame[series])) if series else [None]
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        part = frame if name is None else frame[frame[series] == name]
+        values = [float(part.loc[part[group] == g, "ppl"].iloc[0]) if (part[group] == g).any() else math.nan for g in groups]
+        positions = np.arange(len(groups)) + (index - (len(names) - 1) / 2) * width
+        bars = axis.bar(positions, values, width=width, label=name)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    for (label, value), style in zip((reference or {}).items(), (":", "--", "-.")):
+        axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.2f})")
+    axis.set_xticks(np.arange(len(groups)), groups, fontsize=8)
+    axis.set_ylabel("perplexity (WikiText-2)")
+    axis.set_title(title)
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

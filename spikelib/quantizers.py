@@ -155,15 +155,25 @@ def quantize_model(
     full_precision_inputs: Iterable[str] = (),
     static_absmax: dict[str, float] | None = None,
     inplace: bool = False,
+    modules: Iterable[str] | None = None,
 ) -> nn.Module:
     """Return a W8A8 fake-quantized model: every linear layer of the decoder layers is replaced.
 
     Embeddings, norms and ``lm_head`` stay in full precision. ``full_precision_inputs`` names
     modules whose activations are not quantized (QFeM). ``static_absmax`` maps every module
     name to its calibrated input absmax, required for ``act_granularity="static"``.
+    ``modules`` limits quantization (weights and activations) to the named decoder linear
+    modules and leaves the others untouched in full precision; None quantizes all of them.
     """
     quantized = model if inplace else copy.deepcopy(model)
-    modules = linear_module_sites(quantized, family_for(quantized))
+    decoder_linears = linear_module_sites(quantized, family_for(quantized))
+    if modules is not None:
+        modules = list(modules)
+        unknown = sorted(set(modules) - decoder_linears.keys())
+        if unknown:
+            raise KeyError(f"not decoder linear modules of this model: {unknown[:5]}")
+    else:
+        modules = list(decoder_linears)
     for name in modules:
         linear = quantized.get_submodule(name)
         if not isinstance(linear, nn.Linear):

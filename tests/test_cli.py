@@ -63,6 +63,26 @@ def test_unknown_method_rejected():
         cli.main(["ppl", "--method", "w4a4"])
 
 
+def test_unknown_granularity_rejected():
+    with pytest.raises(SystemExit):
+        cli.main(["ppl", "--method", "w8a8", "--act-granularity", "per-channel"])
+
+
+@pytest.mark.integration
+def test_ppl_smoothquant_static(capsys, data_dir):
+    arguments = ["ppl", "--method", "w8a8+sq+qfep", "--act-granularity", "static", "--sq-alpha", "0.6",
+                 "--quantize-attention", "--windows", "1", "--seq-len", "32", "--data-dir", str(data_dir),
+                 "--calib-windows", "2", "--context-candidates", "4", "--spike-candidates", "2", "--no-progress"]
+    code, payload, _ = run_cli(capsys, arguments)
+    assert code == 0
+    assert payload["act_granularity"] == "static"
+    assert payload["sq_alpha"] == 0.6
+    assert payload["quantized_attention"] is True
+    assert len(payload["prefix_ids"]) == 3
+    assert payload["n_tokens"] == 32
+    assert payload["ppl"] > 1
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -71,6 +91,9 @@ def test_unknown_method_rejected():
         (["ppl", "--calib-windows", "0", "--method", "w8a8+qfem"], "--calib-windows must be at least 1"),
         (["ppl", "--method", "w8a8", "--scales", "scales.pt"], "--scales is not used by --method w8a8"),
         (["qfep", "--scales", "/nonexistent/scales.pt"], "--scales file not found: /nonexistent/scales.pt"),
+        (["ppl", "--method", "w8a8+sq", "--sq-alpha", "1.5"], "--sq-alpha must be from 0 to 1, got 1.5"),
+        (["ppl", "--quantize-attention"], "--quantize-attention needs a quantized method"),
+        (["ppl", "--method", "w8a8+sq", "--scales", "scales.pt"], "--scales is not used by --method w8a8+sq"),
     ],
 )
 def test_invalid_arguments_rejected_early(capsys, arguments, message):

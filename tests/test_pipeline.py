@@ -1,7 +1,8 @@
 """End-to-end check of the DVC pipeline with the quick profile, in a scratch copy of the repository.
 
 Runs every notebook through ``dvc repro``, then checks that an unchanged pipeline reruns no
-stage and that changing one parameter reruns only the stage that reads it.
+stage and that changing one parameter marks (and reruns) only the stage that reads it. Stages
+downstream of a rerun stage are not marked until their inputs have changed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ pytestmark = [
     pytest.mark.skipif(not MIRROR.is_dir(), reason=f"data mirror not found at {MIRROR}"),
 ]
 
-EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff")
+EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff", "smoothquant", "granularity",
+                    "module_ablation", "prefix_ablation")
+NOTEBOOKS = ("01_calibration", "02_main_results", "03_smoothquant", "04_granularity", "05_module_ablation",
+             "06_prefix_ablation")
 METHODS = ["FP32", "W8A8", "W8A8+QFeP", "W8A8+QFeM", "W8A8+QFeM+QFeP"]
 
 
@@ -96,8 +100,8 @@ def test_repro_writes_main_table(pipeline_copy):
 
 
 def test_executed_notebooks_saved(pipeline_copy):
-    for name in ("01_calibration.ipynb", "02_main_results.ipynb"):
-        notebook = json.loads((pipeline_copy / "results" / "notebooks" / name).read_text())
+    for name in NOTEBOOKS:
+        notebook = json.loads((pipeline_copy / "results" / "notebooks" / f"{name}.ipynb").read_text())
         assert notebook["metadata"]["papermill"]["exception"] in (None, False)
 
 
@@ -105,20 +109,43 @@ def test_unchanged_pipeline_reruns_nothing(pipeline_copy):
     assert _changed_stages(pipeline_copy) == set()
 
 
+def test_study_tables_written(pipeline_copy):
+    smoothquant = pd.read_csv(pipeline_copy / "results" / "smoothquant" / "table.csv")
+    assert smoothquant["method"].tolist() == ["FP", "W8A8", "W8A8+QFeM", "W8A8+QFeP", "W8A8+QFeM+QFeP", "W8A8+SQ",
+                                              "W8A8+SQ+QFeM", "W8A8+SQ+QFeP", "W8A8+SQ+QFeM+QFeP"]
+    granularity = pd.read_csv(pipeline_copy / "results" / "granularity" / "table.csv")
+    assert set(granularity["granularity"]) == {"none", "per-tensor", "per-token", "static"}
+    modules = pd.read_csv(pipeline_copy / "results" / "module_ablation" / "table.csv")
+    assert modules["group"].fillna("").tolist() == ["", "", "top", "middle", "bottom"]
+    prefixes = pd.read_csv(pipeline_copy / "results" / "prefix_ablation" / "table.csv")
+    assert prefixes["variant"].tolist() == ["FP", "none", "start token", "start + spike token", "searched", "random 1"]
+    for table in (smoothquant, granularity, modules, prefixes):
+        assert table["n_tokens"].nunique() == 1
+        assert (table["ppl"] > 1).all()
+
+
 def test_one_parameter_reruns_one_stage(pipeline_copy):
     scales = pipeline_copy / "results" / "calibration" / "token_scales.pt"
-    before = scales.stat().st_mtime_ns
+    main_table = pipeline_copy / "results" / "main" / "main_table.csv"
+    before = scales.stat().st_mtime_ns, main_table.stat().st_mtime_ns
 
-    _edit_params(pipeline_copy / "params.yaml", lambda p: p["main_results"].update(ppl_windows=2))
-    assert _changed_stages(pipeline_copy) == {"main_results"}
+    _edit_params(pipeline_copy / "params.yaml", lambda p: p["module_ablation"].update(ppl_windows=1))
+    assert _changed_stages(pipeline_copy) == {"module_ablation"}
     _dvc(["repro"], pipeline_copy)
 
-    assert scales.stat().st_mtime_ns == before
-    table = pd.read_csv(pipeline_copy / "results" / "main" / "main_table.csv")
-    assert table["n_tokens"].iloc[0] == 2 * 128
+    assert (scales.stat().st_mtime_ns, main_table.stat().st_mtime_ns) == before
+    table = pd.read_csv(pipeline_copy / "results" / "module_ablation" / "table.csv")
+    assert table["n_tokens"].iloc[0] == 128
     assert _changed_stages(pipeline_copy) == set()
 
 
-def test_calibration_parameter_marks_calibration(pipeline_copy):
-    _edit_params(pipeline_copy / "params.yaml", lambda p: p["calibration"].update(n_windows=3))
-    assert _changed_stages(pipeline_copy) == {"calibration"}
+@pytest.mark.parametrize("section, key, value", [("main_results", "ppl_windows", 2), ("calibration", "n_windows", 3)])
+def test_parameter_marks_its_stage(pipeline_copy, section, key, value):
+    params = pipeline_copy / "params.yaml"
+    original = params.read_text()
+    try:
+        _edit_params(params, lambda p: p[section].update({key: value}))
+        assert _changed_stages(pipeline_copy) == {section}
+    finally:
+        params.write_text(original)
+    assert _changed_stages(pipeline_copy) == set()
