@@ -100,13 +100,20 @@ def plot_threshold_tradeoff(
     return figure
 
 
-def plot_perplexity_bars(
-    frame: pd.DataFrame, group: str, series: str | None, title: str, reference: dict[str, float] | None = None
+def plot_grouped_bars(
+    frame: pd.DataFrame,
+    group: str,
+    series: str | None,
+    title: str,
+    reference: dict[str, float] | None = None,
+    value: str = "ppl",
+    ylabel: str = "perplexity (WikiText-2)",
+    value_format: str = "%.1f",
 ) -> plt.Figure:
-    """Bar chart of ``ppl`` per ``group`` (x axis), one bar per ``series`` value within a group.
+    """Bar chart of column ``value`` per ``group`` (x axis), one bar per ``series`` value within a group.
 
-    Used by the SmoothQuant, granularity and ablation figures. ``reference`` draws horizontal
-    lines, e.g. ``{"FP32": 30.2}``. The value of each bar is written above it.
+    Used by the SmoothQuant, granularity, ablation and zero-shot figures. ``reference`` draws
+    horizontal lines, e.g. ``{"FP32": 30.2}``. The value of each bar is written above it.
     """
     figure, axis = plt.subplots(figsize=FIGURE_SIZE)
     groups = list(dict.fromkeys(frame[group]))
@@ -114,14 +121,14 @@ def plot_perplexity_bars(
     width = 0.8 / len(names)
     for index, name in enumerate(names):
         part = frame if name is None else frame[frame[series] == name]
-        values = [float(part.loc[part[group] == g, "ppl"].iloc[0]) if (part[group] == g).any() else math.nan for g in groups]
+        values = [float(part.loc[part[group] == g, value].iloc[0]) if (part[group] == g).any() else math.nan for g in groups]
         positions = np.arange(len(groups)) + (index - (len(names) - 1) / 2) * width
         bars = axis.bar(positions, values, width=width, label=name)
-        axis.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-    for (label, value), style in zip((reference or {}).items(), (":", "--", "-.")):
-        axis.axhline(value, linestyle=style, color="gray", label=f"{label} ({value:.2f})")
+        axis.bar_label(bars, fmt=value_format, fontsize=7, padding=1)
+    for (label, level), style in zip((reference or {}).items(), (":", "--", "-.")):
+        axis.axhline(level, linestyle=style, color="gray", label=f"{label} ({level:.2f})")
     axis.set_xticks(np.arange(len(groups)), groups, fontsize=8)
-    axis.set_ylabel("perplexity (WikiText-2)")
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(True, axis="y", alpha=0.3)
     axis.legend(fontsize=8)
