@@ -1,4 +1,4 @@
-"""Command line: ``spikelib calibrate|qfem|qfep|ppl``. Each command prints one JSON object on stdout.
+"""Command line: ``spikelib calibrate|qfem|qfep|ppl|zeroshot``. Each command prints one JSON object on stdout.
 
 Logs and progress bars go to stderr, so stdout can be piped into ``jq`` or a file.
 """
@@ -6,6 +6,7 @@ Logs and progress bars go to stderr, so stdout can be piped into ``jq`` or a fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -18,10 +19,11 @@ from .hooks import TokenScales
 METHODS = methods.METHODS
 
 
-def _add_common(parser: argparse.ArgumentParser, windows_help: str, default_windows: int) -> None:
+def _add_common(parser: argparse.ArgumentParser, windows_help: str | None, default_windows: int = 0) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="zoo short name, Hugging Face name, local folder or .gguf path (default: smollm2-135m)")
     parser.add_argument("--data-dir", default=None, help="local data mirror folder (default: $SPIKELIB_DATA_DIR, else the Hugging Face hub)")
-    parser.add_argument("--windows", type=int, default=default_windows, metavar="N", help=windows_help)
+    if windows_help is not None:
+        parser.add_argument("--windows", type=int, default=default_windows, metavar="N", help=windows_help)
     parser.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per window (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window samplers (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -78,7 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_source(ppl, calib_windows_option=True)
     _add_qfem_options(ppl)
     _add_qfep_options(ppl)
+    zeroshot_parser = commands.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness")
+    _add_common(zeroshot_parser, windows_help=None)
+    zeroshot_parser.add_argument("--method", default="fp", choices=METHODS, help="configuration to evaluate (default: fp)")
+    zeroshot_parser.add_argument("--tasks", type=_task_list, default=list(ZEROSHOT_TASKS),
+                                 help=f"comma-separated tasks from {','.join(ZEROSHOT_TASKS)},wikitext (default: the first seven)")
+    zeroshot_parser.add_argument("--limit", type=int, default=None, metavar="N",
+                                 help="evaluate the first N documents of each task, as lm-eval's --limit does")
+    zeroshot_parser.add_argument("--docs", type=int, default=None, metavar="N",
+                                 help="evaluate N documents per task drawn with --seed (the same for every method)")
+    zeroshot_parser.add_argument("--batch-size", type=int, default=8, help="log-likelihood requests per forward pass (default: 8)")
+    zeroshot_parser.add_argument("--max-length", type=int, default=None,
+                                 help="maximum sequence length of the harness's requests, in tokens (default: the model's maximum)")
+    zeroshot_parser.add_argument("--act-granularity", default="per-tensor", choices=quantizers.ACTIVATION_GRANULARITIES,
+                                 help="activation quantization granularity (default: per-tensor)")
+    zeroshot_parser.add_argument("--sq-alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: 0.5)")
+    zeroshot_parser.add_argument("--quantize-attention", action="store_true", help="also fake-quantize Q, K and V to INT8")
+    _add_calibration_source(zeroshot_parser, calib_windows_option=True)
+    _add_qfem_options(zeroshot_parser)
+    _add_qfep_options(zeroshot_parser)
     return parser
+
+
+# The zero-shot task names, kept here so that `--help` works without importing lm-eval.
+ZEROSHOT_TASKS = ("piqa", "lambada_openai", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq")
+ZEROSHOT_CHOICES = ZEROSHOT_TASKS + ("wikitext",)
+
+
+def _task_list(value: str) -> list[str]:
+    tasks = [task.strip() for task in value.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in ZEROSHOT_CHOICES]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"invalid task(s) {unknown or value!r}; choose from {','.join(ZEROSHOT_CHOICES)}")
+    return tasks
 
 
 def _load(args):
@@ -157,12 +191,9 @@ def run_qfep(args) -> dict[str, Any]:
     return {"model": args.model, **_prefix_search(args, model, tokenizer, start_id, scales).to_dict()}
 
 
-def run_ppl(args) -> dict[str, Any]:
-    model, tokenizer, start_id = _load(args)
+def _build_configuration(args, model, tokenizer, start_id, report: dict[str, Any]) -> methods.Configuration:
+    """Build ``args.method`` (QFeM and QFeP searched unless given), recording the choices in ``report``."""
     method = methods.Method.parse(args.method)
-    test_ids = tokenizer(data.wikitext2_test_text(args.data_dir), add_special_tokens=False)["input_ids"]
-    windows = perplexity.split_windows(test_ids, args.seq_len, args.windows or None)
-    report: dict[str, Any] = {"model": args.model, "method": args.method, "seq_len": args.seq_len}
     if method.quantize:
         report["act_granularity"] = args.act_granularity
 
@@ -190,8 +221,32 @@ def run_ppl(args) -> dict[str, Any]:
         report["sq_alpha"] = args.sq_alpha
     if args.quantize_attention:
         report["quantized_attention"] = True
+    return configuration
 
+
+def run_ppl(args) -> dict[str, Any]:
+    model, tokenizer, start_id = _load(args)
+    test_ids = tokenizer(data.wikitext2_test_text(args.data_dir), add_special_tokens=False)["input_ids"]
+    windows = perplexity.split_windows(test_ids, args.seq_len, args.windows or None)
+    report: dict[str, Any] = {"model": args.model, "method": args.method, "seq_len": args.seq_len}
+    configuration = _build_configuration(args, model, tokenizer, start_id, report)
     result = methods.evaluate(configuration, windows, start_id, progress=not args.no_progress, description=args.method)
+    report.update(result.to_dict())
+    return report
+
+
+def run_zeroshot(args) -> dict[str, Any]:
+    from . import zeroshot  # imports lm-evaluation-harness, which takes a few seconds
+
+    model, tokenizer, start_id = _load(args)
+    report: dict[str, Any] = {"model": args.model, "method": args.method}
+    configuration = _build_configuration(args, model, tokenizer, start_id, report)
+    # The harness prints some progress lines to stdout; they go to stderr so that stdout stays one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = zeroshot.evaluate_zeroshot(
+            configuration.model, tokenizer, args.tasks, args.data_dir, configuration.prefix, start_id,
+            limit=args.limit, n_docs=args.docs, seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+        )
     report.update(result.to_dict())
     return report
 
@@ -199,25 +254,32 @@ def run_ppl(args) -> dict[str, Any]:
 def _check_arguments(args) -> str | None:
     """Return a message for the first invalid argument, before anything slow runs."""
     minimum_windows = 0 if args.command == "ppl" else 1
-    if args.windows < minimum_windows:
+    if getattr(args, "windows", minimum_windows) < minimum_windows:
         return f"--windows must be at least {minimum_windows}, got {args.windows}"
     if args.seq_len < 2:
         return f"--seq-len must be at least 2 (a start token and one scored token), got {args.seq_len}"
     if getattr(args, "calib_windows", 1) < 1:
         return f"--calib-windows must be at least 1, got {args.calib_windows}"
-    if args.command == "ppl" and not 0.0 <= args.sq_alpha <= 1.0:
+    configures = args.command in ("ppl", "zeroshot")
+    if configures and not 0.0 <= args.sq_alpha <= 1.0:
         return f"--sq-alpha must be from 0 to 1, got {args.sq_alpha}"
-    if args.command == "ppl" and args.method == "fp" and args.quantize_attention:
+    if configures and args.method == "fp" and args.quantize_attention:
         return "--quantize-attention needs a quantized method; pick one starting with w8a8"
+    if args.command == "zeroshot":
+        if args.limit is not None and args.docs is not None:
+            return "--limit and --docs both choose documents; give only one"
+        for option, value in (("--limit", args.limit), ("--docs", args.docs), ("--batch-size", args.batch_size)):
+            if value is not None and value < 1:
+                return f"{option} must be at least 1, got {value}"
     scales = getattr(args, "scales", None)
-    if scales and args.command == "ppl" and "qfem" not in args.method and "qfep" not in args.method:
+    if scales and configures and "qfem" not in args.method and "qfep" not in args.method:
         return f"--scales is not used by --method {args.method}; drop it or pick a method with qfem or qfep"
     if scales and not Path(scales).is_file():
         return f"--scales file not found: {scales}; write one with `spikelib calibrate --output FILE`"
     return None
 
 
-COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl}
+COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl, "zeroshot": run_zeroshot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ STAGES = {
     "granularity": "notebooks/04_granularity.ipynb",
     "module_ablation": "notebooks/05_module_ablation.ipynb",
     "prefix_ablation": "notebooks/06_prefix_ablation.ipynb",
+    "zeroshot": "notebooks/07_zeroshot.ipynb",
 }
 EXECUTED_DIR = Path("results/notebooks")
 

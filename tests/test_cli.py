@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from spikelib import cli
+from spikelib import cli, models, zeroshot
 
 
 def run_cli(capsys, arguments: list[str]) -> tuple[int, dict | None, str]:
@@ -101,3 +105,37 @@ def test_invalid_arguments_rejected_early(capsys, arguments, message):
     assert code == 2
     assert payload is None
     assert message in err
+
+
+def _run_json(command: list[str], env: dict) -> dict:
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.integration
+def test_zeroshot_matches_lm_eval_cli(data_dir, tmp_path):
+    """On the FP32 model and the same documents, spikelib zeroshot and lm-eval's command line agree exactly."""
+    tasks = ["piqa", "lambada_openai", "hellaswag", "winogrande"]
+    folder = zeroshot.write_task_configs(data_dir, tmp_path / "tasks", tasks)
+    gguf = models.zoo_gguf_path("smollm2-135m")
+    # Both run as child processes with the same thread settings, so the float reductions are the same.
+    env = dict(os.environ, OMP_NUM_THREADS="1", SPIKELIB_DATA_DIR=str(data_dir), HF_DATASETS_OFFLINE="1")
+    binary = Path(sys.executable).parent
+
+    ours = _run_json([str(binary / "spikelib"), "zeroshot", "--method", "fp", "--tasks", ",".join(tasks), "--limit", "6",
+                      "--batch-size", "4", "--no-progress"], env)
+    ours = json.loads(ours.stdout)["tasks"]
+    output = tmp_path / "harness"
+    _run_json([str(binary / "lm_eval"), "run", "--model", "hf", "--model_args",
+               f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32", "--tasks", *tasks, "--limit", "6",
+               "--batch_size", "4", "--include_path", str(folder), "--output_path", str(output), "--device", "cpu"], env)
+    harness = json.loads(next(output.rglob("results_*.json")).read_text())["results"]
+
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in harness[task]:
+                assert ours[task][metric] == harness[task][f"{metric},none"], f"{task} {metric}"
+                assert ours[task][f"{metric}_stderr"] == pytest.approx(harness[task][f"{metric}_stderr,none"], rel=1e-12)
+        assert ours[task]["n_docs"] == 6
+    assert ours["lambada_openai"]["perplexity"] == pytest.approx(harness["lambada_openai"]["perplexity,none"], rel=1e-9)

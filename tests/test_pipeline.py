@@ -27,9 +27,10 @@ pytestmark = [
 ]
 
 EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff", "smoothquant", "granularity",
-                    "module_ablation", "prefix_ablation")
+                    "module_ablation", "prefix_ablation", "fig5_zeroshot")
 NOTEBOOKS = ("01_calibration", "02_main_results", "03_smoothquant", "04_granularity", "05_module_ablation",
-             "06_prefix_ablation")
+             "06_prefix_ablation", "07_zeroshot")
+PAPER_TASKS = ["piqa", "lambada_openai", "hellaswag", "winogrande"]
 METHODS = ["FP32", "W8A8", "W8A8+QFeP", "W8A8+QFeM", "W8A8+QFeM+QFeP"]
 
 
@@ -107,6 +108,22 @@ def test_executed_notebooks_saved(pipeline_copy):
 
 def test_unchanged_pipeline_reruns_nothing(pipeline_copy):
     assert _changed_stages(pipeline_copy) == set()
+
+
+def test_zeroshot_tables_written(pipeline_copy):
+    main = pd.read_csv(pipeline_copy / "results" / "main" / "main_table.csv")
+    for task in PAPER_TASKS:
+        assert main[f"acc_{task}"].between(0, 1).all()
+    assert main["avg_acc_paper_tasks"].between(0, 1).all()
+    assert (main["wikitext_token_ppl"] > 1).all()
+    assert (main["zeroshot_docs_per_task"] == 2).all()
+
+    rows = pd.read_csv(pipeline_copy / "results" / "main" / "zeroshot.csv")
+    assert set(rows["method"]) == set(METHODS)
+    assert set(rows["task"]) == set(PAPER_TASKS) | {"arc_easy", "arc_challenge", "boolq", "wikitext"}
+    summary = pd.read_csv(pipeline_copy / "results" / "zeroshot" / "summary.csv")
+    assert summary["method"].tolist() == METHODS
+    assert summary["paper_average_acc"].between(0, 1).all()
 
 
 def test_study_tables_written(pipeline_copy):
