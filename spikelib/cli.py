@@ -251,6 +251,16 @@ def run_zeroshot(args) -> dict[str, Any]:
     return report
 
 
+def _check_task_files(mirror: Path, tasks: list[str]) -> None:
+    """Raise FileNotFoundError for the first task whose file the mirror lacks, before any model loads."""
+    from .zeroshot import SOURCES
+
+    for task in tasks:
+        path = mirror / SOURCES[task].mirror_file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; the data mirror needs {SOURCES[task].mirror_file} for task {task}")
+
+
 def _check_arguments(args) -> str | None:
     """Return a message for the first invalid argument, before anything slow runs."""
     minimum_windows = 0 if args.command == "ppl" else 1
@@ -294,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        data.resolve_data_dir(args.data_dir)  # fail before the model loads
+        mirror = data.resolve_data_dir(args.data_dir)  # fail before the model loads
+        if args.command == "zeroshot" and mirror is not None:
+            _check_task_files(mirror, args.tasks)
         report = COMMANDS[args.command](args)
     except (data.DataUnavailableError, models.ModelDownloadError, models.ChecksumMismatchError,
             models.ModelNotFoundError, FileNotFoundError, ValueError, KeyError) as error:

@@ -139,3 +139,15 @@ def test_zeroshot_matches_lm_eval_cli(data_dir, tmp_path):
                 assert ours[task][f"{metric}_stderr"] == pytest.approx(harness[task][f"{metric}_stderr,none"], rel=1e-12)
         assert ours[task]["n_docs"] == 6
     assert ours["lambada_openai"]["perplexity"] == pytest.approx(harness["lambada_openai"]["perplexity,none"], rel=1e-9)
+
+
+def test_zeroshot_missing_task_file_reported_early(capsys, tmp_path, monkeypatch):
+    def fail_load(*args, **kwargs):
+        raise AssertionError("the model must not load before the mirror is checked")
+
+    monkeypatch.setattr(models, "load_model", fail_load)
+    (tmp_path / "piqa").mkdir()
+    code, payload, err = run_cli(capsys, ["zeroshot", "--tasks", "piqa", "--limit", "1", "--data-dir", str(tmp_path)])
+    assert code == 1
+    assert payload is None
+    assert "piqa/validation.jsonl not found" in err
