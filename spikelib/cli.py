@@ -37,6 +37,16 @@ def _add_calibration_source(parser: argparse.ArgumentParser, calib_windows_optio
         parser.add_argument("--calib-windows", type=int, default=32, help="C4 calibration windows for the token scales (when --scales is not given), SmoothQuant and static scales (default: 32)")
 
 
+def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--act-granularity", default="per-tensor", choices=quantizers.ACTIVATION_GRANULARITIES,
+                        help="activation quantization: per-tensor dynamic, per-token dynamic, or per-tensor static "
+                             "from calibrated maxima (default: per-tensor)")
+    parser.add_argument("--sq-alpha", type=float, default=0.5,
+                        help="SmoothQuant migration strength from 0 to 1, for the sq methods (default: 0.5)")
+    parser.add_argument("--quantize-attention", action="store_true",
+                        help="also fake-quantize the attention matmul inputs Q, K and V to INT8")
+
+
 def _add_qfem_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="fixed QFeM threshold; without it alpha is searched")
     parser.add_argument("--search-windows", type=int, default=8, help="held-out C4 windows for the alpha search (default: 8)")
@@ -70,13 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("ppl", help="WikiText-2 perplexity of one configuration")
     _add_common(ppl, "WikiText-2 test windows to evaluate; 0 for all (default: 16)", 16)
     ppl.add_argument("--method", default="fp", choices=METHODS, help="configuration to evaluate (default: fp)")
-    ppl.add_argument("--act-granularity", default="per-tensor", choices=quantizers.ACTIVATION_GRANULARITIES,
-                     help="activation quantization: per-tensor dynamic, per-token dynamic, or per-tensor static "
-                          "from calibrated maxima (default: per-tensor)")
-    ppl.add_argument("--sq-alpha", type=float, default=0.5,
-                     help="SmoothQuant migration strength from 0 to 1, for the sq methods (default: 0.5)")
-    ppl.add_argument("--quantize-attention", action="store_true",
-                     help="also fake-quantize the attention matmul inputs Q, K and V to INT8")
+    _add_quantization_options(ppl)
     _add_calibration_source(ppl, calib_windows_option=True)
     _add_qfem_options(ppl)
     _add_qfep_options(ppl)
@@ -92,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot_parser.add_argument("--batch-size", type=int, default=8, help="log-likelihood requests per forward pass (default: 8)")
     zeroshot_parser.add_argument("--max-length", type=int, default=None,
                                  help="maximum sequence length of the harness's requests, in tokens (default: the model's maximum)")
-    zeroshot_parser.add_argument("--act-granularity", default="per-tensor", choices=quantizers.ACTIVATION_GRANULARITIES,
-                                 help="activation quantization granularity (default: per-tensor)")
-    zeroshot_parser.add_argument("--sq-alpha", type=float, default=0.5, help="SmoothQuant migration strength (default: 0.5)")
-    zeroshot_parser.add_argument("--quantize-attention", action="store_true", help="also fake-quantize Q, K and V to INT8")
+    _add_quantization_options(zeroshot_parser)
     _add_calibration_source(zeroshot_parser, calib_windows_option=True)
     _add_qfem_options(zeroshot_parser)
     _add_qfep_options(zeroshot_parser)
