@@ -7,9 +7,11 @@ Measures, side by side in one run (median of several repeats after a warm-up):
 - with --zeroshot, lm-evaluation-harness time per 1,000 log-likelihood requests for FP32, W8A8 and
   W8A8+QFeP on the same documents, and the per-configuration wall times the last default
   pipeline run recorded in results/main/zeroshot.json;
+- with --zoo, for every zoo model in its own child process: load time, calibration time
+  (4 windows), FP32 and W8A8 evaluation time (2 windows) and the child's peak resident memory;
 - with --pipeline, the wall time of the whole default ``dvc repro`` in a scratch copy of the repository.
 
-Usage: python benchmarks/run_benchmarks.py [--model smollm2-135m] [--repeats 5] [--zeroshot] [--pipeline]
+Usage: python benchmarks/run_benchmarks.py [--model smollm2-135m] [--repeats 5] [--zeroshot] [--zoo] [--pipeline]
 """
 
 from __future__ import annotations
@@ -112,6 +114,48 @@ def calibration_memory(model_name: str, data_dir: str, n_windows: int, seq_len: 
     return {**measured, "extra_mb": measured["peak_mb"] - measured["before_mb"], "n_windows": n_windows, "seq_len": seq_len}
 
 
+ZOO_CHILD = """
+import json, sys, time
+from spikelib import calibration, data, models, perplexity, quantizers
+name, data_dir, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+times = {}
+start = time.perf_counter()
+model, tokenizer = models.load_model(name)
+times["load_s"] = time.perf_counter() - start
+start_id = models.start_token_id(tokenizer)
+windows = calibration.sample_windows(tokenizer, data.c4_documents("train", data_dir), 4, seq_len, start_id, 0)
+start = time.perf_counter()
+calibration.calibrate(model, windows, batch_size=2, progress=False)
+times["calibration_4_windows_s"] = time.perf_counter() - start
+test_ids = tokenizer(data.wikitext2_test_text(data_dir), add_special_tokens=False)["input_ids"]
+test = perplexity.split_windows(test_ids, seq_len, 2)
+for label, candidate in (("fp32", model), ("w8a8", quantizers.quantize_model(model))):
+    start = time.perf_counter()
+    result = perplexity.evaluate_perplexity(candidate, test, start_id, progress=False)
+    times[f"{label}_2_windows_s"] = time.perf_counter() - start
+    times[f"{label}_ppl"] = result.ppl
+print(json.dumps(times))
+"""
+
+
+def zoo_costs(data_dir: str, seq_len: int) -> list[dict]:
+    """Load, calibrate and evaluate each zoo model in its own child process; report times and peak RSS."""
+    rows = []
+    for name in models.ZOO:
+        models.zoo_gguf_path(name)  # download outside the timed child
+        child = subprocess.Popen([sys.executable, "-c", ZOO_CHILD, name, data_dir, str(seq_len)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        start = time.perf_counter()
+        output = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise RuntimeError(f"zoo benchmark of {name} failed with exit code {child.returncode}")
+        rows.append({"model": name, "wall_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024,
+                     **json.loads(output.strip().splitlines()[-1])})
+    return rows
+
+
 def pipeline_wall_time(data_dir: str) -> dict:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.splitlines()
@@ -166,7 +210,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--zeroshot", action="store_true", help="also time lm-eval requests per configuration (about 5 minutes)")
-    parser.add_argument("--pipeline", action="store_true", help="also time the whole default dvc repro (about 40 minutes)")
+    parser.add_argument("--zoo", action="store_true", help="also time and measure every zoo model (about 6 minutes)")
+    parser.add_argument("--pipeline", action="store_true", help="also time the whole default dvc repro (about 60 minutes)")
     args = parser.parse_args()
 
     model, tokenizer = models.load_model(args.model)
@@ -185,6 +230,8 @@ def main() -> None:
     }
     if args.zeroshot:
         report["zeroshot"] = zeroshot_speed(model, tokenizer, start_id, args.data_dir, min(args.repeats, 3))
+    if args.zoo:
+        report["zoo"] = zoo_costs(args.data_dir, args.seq_len)
     if args.pipeline:
         report["pipeline"] = pipeline_wall_time(args.data_dir)
 
@@ -201,6 +248,11 @@ def main() -> None:
         for item in speed["pipeline_default_subset"]:
             print(f"default zero-shot subset, {item['method']}: {item['seconds']:.0f} s for {item['loglikelihood_requests']} "
                   f"requests and {item['rolling_documents']} rolling articles (last pipeline run)")
+    if args.zoo:
+        for row in report["zoo"]:
+            print(f"{row['model']:>13}: peak RSS {row['peak_rss_mb']:6.0f} MB, wall {row['wall_s']:5.1f} s (load {row['load_s']:.1f} s, "
+                  f"calibration of 4 x {args.seq_len} tokens {row['calibration_4_windows_s']:.1f} s, 2 windows FP32 "
+                  f"{row['fp32_2_windows_s']:.1f} s, W8A8 {row['w8a8_2_windows_s']:.1f} s)")
     if args.pipeline:
         print(f"default dvc repro: {report['pipeline']['default_dvc_repro_s'] / 60:.1f} min (target < 60 min)")
     print(json.dumps(report))

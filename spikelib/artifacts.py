@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from importlib import metadata
@@ -102,6 +103,14 @@ def git_has_changes(cwd: str | os.PathLike | None = None) -> bool | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(result.stdout.strip())
+
+
+def slug(name: str) -> str:
+    """Return a file name for a model name: ``meta-llama/Llama-2-7b-hf`` -> ``meta-llama__Llama-2-7b-hf``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/").replace("/", "__"))
+    if not cleaned.strip("._"):
+        raise ValueError(f"cannot make a file name from model name {name!r}")
+    return cleaned
 
 
 def provenance(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .architectures import decoder_layers, family_for, site_name
+from .architectures import family_for, iter_sites, site_input_modules, site_modules
 
 
 @dataclass
@@ -56,12 +56,12 @@ def record_input_absmax(
 
         return hook
 
-    for index, layer in enumerate(decoder_layers(model, family)):
-        for site in family.sites:
-            name = site_name(family, index, site.label)
-            for module in site.modules:
-                module_sites[f"{family.layers}.{index}.{module}"] = name
-            handles.append(layer.get_submodule(site.modules[0]).register_forward_pre_hook(hook_for(name)))
+    for index, layer, site, name in iter_sites(model, family):
+        for module in site_modules(model, family, site):
+            module_sites[f"{family.layers}.{index}.{module}"] = name
+        # A routed site's experts each see some tokens; the running maximum merges them.
+        for module in site_input_modules(model, family, site):
+            handles.append(layer.get_submodule(module).register_forward_pre_hook(hook_for(name)))
 
     step = 1 if prefix is not None else batch_size
     try:

@@ -1,4 +1,4 @@
-"""Command line: ``spikelib calibrate|qfem|qfep|ppl|zeroshot``. Each command prints one JSON object on stdout.
+"""Command line: ``spikelib calibrate|qfem|qfep|ppl|zeroshot|models``. Each command prints one JSON object on stdout.
 
 Logs and progress bars go to stderr, so stdout can be piped into ``jq`` or a file.
 """
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_source(zeroshot_parser, calib_windows_option=True)
     _add_qfem_options(zeroshot_parser)
     _add_qfep_options(zeroshot_parser)
+
+    listing = commands.add_parser("models", help="list the zoo models and the supported architecture families")
+    listing.set_defaults(no_progress=True, data_dir=None, seq_len=2)
     return parser
 
 
@@ -290,7 +293,19 @@ def _check_arguments(args) -> str | None:
     return None
 
 
-COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl, "zeroshot": run_zeroshot}
+def run_models(args) -> dict[str, Any]:
+    """Return the zoo entries and the architecture table; nothing is loaded or downloaded."""
+    from . import architectures
+
+    cache = models.default_cache_dir() / "models"
+    zoo = [{"name": entry.short_name, "description": entry.description, "wheels": len(entry.parts),
+            "file": entry.filename, "sha256": entry.sha256,
+            "cached": (cache / entry.short_name / entry.filename).is_file()} for entry in models.ZOO.values()]
+    return {"zoo": zoo, "families": architectures.describe_families(), "cache": str(cache)}
+
+
+COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl, "zeroshot": run_zeroshot,
+            "models": run_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_task_files(mirror, args.tasks)
         report = COMMANDS[args.command](args)
     except (data.DataUnavailableError, models.ModelDownloadError, models.ChecksumMismatchError,
-            models.ModelNotFoundError, FileNotFoundError, ValueError, KeyError) as error:
+            models.ModelNotFoundError, models.ActivationOverflowError, FileNotFoundError, ValueError, KeyError) as error:
         print(f"spikelib {args.command}: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, default=_json_value))

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .architectures import HIDDEN_LABEL, Family, decoder_layers, family_for, site_name
+from .architectures import HIDDEN_LABEL, Family, family_for, iter_sites, site_input_modules, site_modules, site_name
 
 
 @dataclass
@@ -115,21 +115,61 @@ class TokenScaleRecorder:
         self.records: dict[str, _RowBuffer] = {}
         self.site_layers: dict[str, tuple[int, str]] = {}
         self.module_sites: dict[str, str] = {}
+        self._pass_shape: tuple[int, ...] = (-1,)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def attach(self) -> None:
-        for index, layer in enumerate(decoder_layers(self.model, self.family)):
-            for site in self.family.sites:
-                name = site_name(self.family, index, site.label)
+        family = self.family
+        layer_sites: dict[int, list] = {}
+        for index, layer, site, name in iter_sites(self.model, family):
+            layer_sites.setdefault(index, []).append((layer, site, name))
+        for index, entries in layer_sites.items():
+            for layer, site, name in entries:
                 self._track(name, index, site.label)
-                for module in site.modules:
-                    self.module_sites[f"{self.family.layers}.{index}.{module}"] = name
-                first = layer.get_submodule(site.modules[0])
-                self._handles.append(first.register_forward_pre_hook(self._input_hook(name)))
+                for module in site_modules(self.model, family, site):
+                    self.module_sites[f"{family.layers}.{index}.{module}"] = name
+                if site.routed:
+                    self._attach_routed(layer, site, name)
+                else:
+                    first = layer.get_submodule(site.modules[0])
+                    self._handles.append(first.register_forward_pre_hook(self._input_hook(name)))
 
-            hidden = site_name(self.family, index, HIDDEN_LABEL)
+            hidden = site_name(family, index, HIDDEN_LABEL)
             self._track(hidden, index, HIDDEN_LABEL)
+            layer = entries[0][0]
+            self._handles.append(layer.register_forward_pre_hook(self._open_layer, with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._output_hook(hidden, index)))
+
+    def _attach_routed(self, layer: nn.Module, site, name: str) -> None:
+        """Record a routed site: each token's scale is the largest over the experts it was routed to.
+
+        The block's pre-hook opens a zero scale per token position, each expert's hook puts
+        its rows' scales back at their positions (``LinearExperts.current_tokens``), and the
+        block's forward hook appends the per-token maxima.
+        """
+        experts = self.family.experts
+        block = layer.get_submodule(experts.block)
+        container = layer.get_submodule(experts.container)
+        state: dict[str, torch.Tensor | tuple] = {}
+
+        def open_pass(module, args):
+            shape = args[0].shape[:-1]
+            state["shape"] = shape
+            state["scales"] = torch.zeros(shape.numel())
+
+        def expert_input(module, args):
+            rows = torch.linalg.vector_norm(args[0].detach(), ord=float("inf"), dim=-1).float().cpu()
+            # Top-k routing picks k distinct experts, so a token appears at most once per expert.
+            tokens = container.current_tokens.cpu()
+            state["scales"][tokens] = torch.maximum(state["scales"][tokens], rows)
+
+        def close_pass(module, args, output):
+            self.records[name].append(state["scales"].reshape(-1, state["shape"][-1]))
+
+        self._handles.append(block.register_forward_pre_hook(open_pass))
+        for module in site_input_modules(self.model, self.family, site):
+            self._handles.append(layer.get_submodule(module).register_forward_pre_hook(expert_input))
+        self._handles.append(block.register_forward_hook(close_pass))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -150,8 +190,13 @@ class TokenScaleRecorder:
 
     def _append(self, name: str, activation: torch.Tensor) -> None:
         # (batch, seq, hidden) -> (batch, seq): a_t = max_j |x_tj|, without a full-size abs() copy.
+        # Some layers (OPT's fc1 and fc2) see the tokens flattened to (batch * seq, hidden).
         scale = torch.linalg.vector_norm(activation.detach(), ord=float("inf"), dim=-1).float().cpu()
-        self.records[name].append(scale.reshape(-1, scale.shape[-1]))
+        self.records[name].append(scale.reshape(self._pass_shape))
+
+    def _open_layer(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._pass_shape = tuple(hidden.shape[:-1])
 
     def _input_hook(self, name: str):
         def hook(module, args):

@@ -90,7 +90,7 @@ class ConfigurationBuilder:
         self,
         model: nn.Module,
         calibration_windows: torch.Tensor | None = None,
-        qfem_modules: Iterable[str] = (),
+        qfem_modules: Iterable[str] | None = None,
         prefix_ids: list[int] | None = None,
         sq_alpha: float = 0.5,
         n_bits: int = 8,
@@ -98,7 +98,7 @@ class ConfigurationBuilder:
     ):
         self.model = model
         self.calibration_windows = calibration_windows
-        self.qfem_modules = list(qfem_modules)
+        self.qfem_modules = None if qfem_modules is None else list(qfem_modules)
         self.prefix_ids = None if prefix_ids is None else list(prefix_ids)
         self.sq_alpha = sq_alpha
         self.n_bits = n_bits
@@ -122,7 +122,8 @@ class ConfigurationBuilder:
         prefix_ids = list(prefix_ids) if prefix_ids is not None else self.prefix_ids
         if method.qfep and not prefix_ids:
             raise ValueError(f"{method.name} needs prefix ids; pass prefix_ids (from spikelib.qfep.search_prefix)")
-        if method.qfem and not self.qfem_modules:
+        # An empty list is a valid QFeM choice (no module passed alpha), so only None is missing.
+        if method.qfem and self.qfem_modules is None:
             raise ValueError(f"{method.name} needs the QFeM modules; pass qfem_modules (from spikelib.qfem.select_modules)")
         if not method.quantize:
             return Configuration(method, self.model, None, "none")

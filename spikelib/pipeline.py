@@ -26,6 +26,8 @@ STAGES = {
     "module_ablation": "notebooks/05_module_ablation.ipynb",
     "prefix_ablation": "notebooks/06_prefix_ablation.ipynb",
     "zeroshot": "notebooks/07_zeroshot.ipynb",
+    "zoo_calibration": "notebooks/08_zoo_calibration.ipynb",
+    "zoo_main": "notebooks/09_zoo_main.ipynb",
 }
 EXECUTED_DIR = Path("results/notebooks")
 

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
+from .architectures import HIDDEN_LABEL
 from .hooks import TokenScales
 
 FIGURE_SIZE = (7.0, 3.6)
@@ -26,24 +27,45 @@ def layer_max_table(scales: TokenScales) -> pd.DataFrame:
         layer, label = scales.site_layers[site]
         rows.append({"layer": layer, "site": label, "max": float(values.max()), "median": float(np.median(values.double().numpy()))})
     frame = pd.DataFrame(rows)
-    frame["site"] = pd.Categorical(frame["site"], categories=SITE_ORDER, ordered=True)
+    # LLaMA-style labels in their usual order, then other families' labels as recorded, the hidden state last.
+    labels = list(dict.fromkeys(frame["site"]))
+    order = [label for label in SITE_ORDER[:-1] if label in labels]
+    order += [label for label in labels if label not in SITE_ORDER] + [HIDDEN_LABEL]
+    frame["site"] = pd.Categorical(frame["site"], categories=order, ordered=True)
     return frame.sort_values(["site", "layer"]).reset_index(drop=True)
 
 
-def plot_layer_max(frame: pd.DataFrame, title: str) -> plt.Figure:
-    """Figure 1: per layer, the largest input magnitude of each module type and of the hidden state."""
-    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
-    for label in SITE_ORDER:
+def plot_layer_max(frame: pd.DataFrame, title: str, axis=None) -> plt.Figure:
+    """Figure 1: per layer, the largest input magnitude of each module type and of the hidden state.
+
+    Draws on ``axis`` when one is given (for panels), else on a new figure.
+    """
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE) if axis is None else (axis.figure, axis)
+    for label in frame["site"].cat.categories:
         part = frame[frame["site"] == label]
         if not part.empty:
-            style = "--" if label == "hidden" else "-"
+            style = "--" if label == HIDDEN_LABEL else "-"
             axis.plot(part["layer"], part["max"], style, marker="o", markersize=3, label=label)
     axis.set_yscale("log")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("decoder layer")
     axis.set_ylabel("max |x| over calibration tokens")
-    axis.set_title(title)
+    axis.set_title(title, fontsize=9)
     axis.grid(True, which="major", alpha=0.3)
-    axis.legend(fontsize=8, ncol=3)
+    axis.legend(fontsize=7, ncol=3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_layer_max_panels(frames: dict[str, pd.DataFrame], columns: int = 2) -> plt.Figure:
+    """One ``plot_layer_max`` panel per model (the paper's appendix figures), keyed by panel title."""
+    rows = math.ceil(len(frames) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(FIGURE_SIZE[0] * columns * 0.75, FIGURE_SIZE[1] * rows * 0.9),
+                                squeeze=False)
+    for axis, (title, frame) in zip(axes.flat, frames.items()):
+        plot_layer_max(frame, title, axis)
+    for axis in list(axes.flat)[len(frames):]:
+        axis.set_visible(False)
     figure.tight_layout()
     return figure
 

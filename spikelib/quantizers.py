@@ -64,6 +64,21 @@ def quantize_activation_static(x: torch.Tensor, absmax: torch.Tensor, n_bits: in
     return fake_quantize(x, absmax_to_scale(absmax.to(x.dtype), n_bits), n_bits)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Return True for GPT-2's ``Conv1D``, a linear layer that stores its weight as ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """Return the weight of an ``nn.Linear`` or ``Conv1D`` as ``(out_features, in_features)``."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Return True for the layers ``quantize_model`` replaces: ``nn.Linear`` (and subclasses) and ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """W8A8 setting: bit width and the weight and activation granularities.
@@ -116,10 +131,10 @@ class FakeQuantLinear(nn.Module):
     def from_float(
         cls, linear: nn.Linear, config: QuantConfig, static_absmax: float | None = None
     ) -> "FakeQuantLinear":
-        """Build the layer from a float ``nn.Linear``, quantizing its weight once."""
+        """Build the layer from a float ``nn.Linear`` or ``Conv1D``, quantizing its weight once."""
         if config.act_granularity == "static" and static_absmax is None:
             raise ValueError("static activation quantization needs a calibrated absmax for every module")
-        weight = linear.weight.detach()
+        weight = linear_weight(linear).detach().contiguous()
         if config.weight_granularity == "per-channel":
             weight = quantize_weight_per_channel_absmax(weight, config.n_bits)
         else:
@@ -176,8 +191,8 @@ def quantize_model(
         modules = list(decoder_linears)
     for name in modules:
         linear = quantized.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
+        if not is_linear(linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear or Conv1D")
         absmax = None if static_absmax is None else static_absmax[name]
         parent_name, _, child = name.rpartition(".")
         setattr(quantized.get_submodule(parent_name), child, FakeQuantLinear.from_float(linear, config, absmax))

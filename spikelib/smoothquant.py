@@ -19,7 +19,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from .architectures import decoder_layers, family_for, site_name
+from .architectures import family_for, iter_sites
+from .quantizers import is_conv1d, linear_weight
 from .channel_absmax import InputAbsmax
 
 # Smallest smoothing factor; channels that never activate would otherwise get s = 0.
@@ -51,7 +52,9 @@ def fold_into_norm(norm: nn.Module, linears: list[nn.Linear], factors: torch.Ten
     if bias is not None:
         bias.copy_((bias.double() / factors).to(bias.dtype))
     for linear in linears:
-        linear.weight.copy_((linear.weight.double() * factors).to(linear.weight.dtype))
+        # nn.Linear stores (out, in) and multiplies columns; GPT-2's Conv1D stores (in, out) and multiplies rows.
+        scale = factors if not is_conv1d(linear) else factors[:, None]
+        linear.weight.copy_((linear.weight.double() * scale).to(linear.weight.dtype))
 
 
 @torch.no_grad()
@@ -64,16 +67,14 @@ def smooth_model(model: nn.Module, absmax: InputAbsmax, alpha: float = 0.5, inpl
     smoothed = model if inplace else copy.deepcopy(model)
     family = family_for(smoothed)
     factors: dict[str, torch.Tensor] = {}
-    for index, layer in enumerate(decoder_layers(smoothed, family)):
-        for site in family.sites:
-            if site.norm is None:
-                continue
-            name = site_name(family, index, site.label)
-            if name not in absmax.channels:
-                raise KeyError(f"no calibrated channel maxima for {name}; record them on this model first")
-            linears = [layer.get_submodule(module) for module in site.modules]
-            weight_absmax = torch.stack([linear.weight.abs().amax(dim=0).double() for linear in linears]).amax(dim=0)
-            site_factors = smoothing_factors(absmax.channels[name], weight_absmax, alpha)
-            fold_into_norm(layer.get_submodule(site.norm), linears, site_factors, family.norm_offset)
-            factors[name] = site_factors.float()
+    for _, layer, site, name in iter_sites(smoothed, family):
+        if site.norm is None:
+            continue
+        if name not in absmax.channels:
+            raise KeyError(f"no calibrated channel maxima for {name}; record them on this model first")
+        linears = [layer.get_submodule(module) for module in site.modules]
+        weight_absmax = torch.stack([linear_weight(linear).abs().amax(dim=0).double() for linear in linears]).amax(dim=0)
+        site_factors = smoothing_factors(absmax.channels[name], weight_absmax, alpha)
+        fold_into_norm(layer.get_submodule(site.norm), linears, site_factors, family.norm_offset)
+        factors[name] = site_factors.float()
     return smoothed, factors

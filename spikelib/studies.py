@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import calibration, data, perplexity, qfem, qfep, quantizers
+from .hooks import TokenScales
 from .perplexity import PerplexityResult
 
 
@@ -79,15 +80,19 @@ def search_choices(
     alpha_tolerance: float = 0.02,
     spike_candidates: int = 8,
     context_candidates: int = 64,
+    scales: TokenScales | None = None,
+    progress: bool = True,
 ) -> MainChoices:
     """Calibrate, search QFeM's alpha and QFeP's prefix for a model, as the main results stage does.
 
     For models that the pipeline's calibration and main results stages did not run on. The alpha
-    search uses held-out C4 validation windows and plain per-tensor W8A8.
+    search uses held-out C4 validation windows and plain per-tensor W8A8. ``scales`` recorded
+    earlier on this model skip the calibration (``calib_windows`` is then unused).
     """
-    train = data.c4_documents("train", data_dir)
-    windows = calibration.sample_windows(tokenizer, train, calib_windows, seq_len, start_token_id, seed)
-    scales = calibration.calibrate(model, windows)
+    if scales is None:
+        train = data.c4_documents("train", data_dir)
+        windows = calibration.sample_windows(tokenizer, train, calib_windows, seq_len, start_token_id, seed)
+        scales = calibration.calibrate(model, windows, progress=progress)
     ratios = qfem.module_ratios(scales)
 
     validation = data.c4_documents("validation", data_dir)
@@ -100,7 +105,8 @@ def search_choices(
     search = qfem.search_threshold(quantized, ratios, scales.module_sites, qfem.threshold_grid(ratios, n_thresholds),
                                    held_out_ppl, alpha_tolerance)
     del quantized
-    prefix = qfep.search_prefix(model, tokenizer, scales, ratios, start_token_id, spike_candidates, context_candidates)
+    prefix = qfep.search_prefix(model, tokenizer, scales, ratios, start_token_id, spike_candidates, context_candidates,
+                                progress=progress)
     return MainChoices(
         alpha=search.to_dict()["alpha"],
         qfem_modules=list(search.modules),
@@ -111,6 +117,28 @@ def search_choices(
 
 
 MAIN_METHODS = ("fp", "w8a8", "w8a8+qfep", "w8a8+qfem", "w8a8+qfem+qfep")
+
+
+def main_perplexity_rows(
+    model,
+    choices: MainChoices,
+    windows,
+    start_token_id: int,
+    model_name: str = "",
+    fp_label: str = "FP32",
+    progress: bool = True,
+) -> list[dict]:
+    """Return ``perplexity_rows`` of the five main configurations on the same windows."""
+    from . import methods
+
+    builder = methods.ConfigurationBuilder(model, None, choices.qfem_modules, choices.prefix_ids, progress=False)
+    results = {}
+    for name in MAIN_METHODS:
+        configuration = builder.build(name)
+        label = fp_label if name == "fp" else configuration.method.label
+        results[label] = methods.evaluate(configuration, windows, start_token_id, progress, f"{model_name} {label}".strip())
+        del configuration
+    return perplexity_rows(results, results[fp_label].ppl, results["W8A8"].ppl, model=model_name)
 ZEROSHOT_COLUMNS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "word_perplexity",
                     "byte_perplexity", "bits_per_byte", "token_perplexity", "n_tokens")
 

@@ -151,3 +151,16 @@ def test_zeroshot_missing_task_file_reported_early(capsys, tmp_path, monkeypatch
     assert code == 1
     assert payload is None
     assert "piqa/validation.jsonl not found" in err
+
+
+def test_models_lists_zoo_and_families(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIKELIB_CACHE", str(tmp_path))
+    assert cli.main(["models"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in report["zoo"]] == ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+    assert [row["wheels"] for row in report["zoo"]] == [1, 4, 6, 22]
+    assert not any(row["cached"] for row in report["zoo"])  # an empty cache, and nothing was downloaded
+    assert list((tmp_path).iterdir()) == []
+    families = {row["family"]: row for row in report["families"]}
+    assert families["mixtral"]["router"] == "mlp.gate"
+    assert families["gpt2"]["glu"] is False and families["phi3"]["sites"]["qkv_proj"] == ["self_attn.qkv_proj"]

