@@ -229,7 +229,7 @@ def test_qfem_keeps_siblings_together(case):
     assert not any(m.quantize_input for m in quantized.modules() if isinstance(m, quantizers.FakeQuantLinear))
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"mpt"}))
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("with_start", [True, False])
 def test_prefix_cache_matches_joint_pass(case, with_start):
     """QFeP on models with and without a start token: the cached prefix gives the logits of one joint pass."""

@@ -166,7 +166,7 @@ def test_zoo_tables_written(pipeline_copy):
         assert (pipeline_copy / "figures" / "zoo_calibration" / f"{name}.png").is_file()
         assert (pipeline_copy / "results" / "zoo" / "scales" / f"{name}.pt").is_file()
     main = pd.read_csv(pipeline_copy / "results" / "zoo" / "main_table.csv")
-    assert main["method"].tolist() == METHODS
+    assert main["method"].tolist() == METHODS + ["FP32+prefix"]
     assert set(main["model"]) == {"qwen2.5-0.5b"}
     assert json.loads(main["prefix"].iloc[0])[0] == "<|endoftext|>"
     assert (main["ppl"] > 1).all() and main["n_tokens"].nunique() == 1
