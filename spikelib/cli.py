@@ -1,4 +1,4 @@
-"""Command line: ``spikelib calibrate|qfem|qfep|ppl|zeroshot|models``. Each command prints one JSON object on stdout.
+"""Command line: ``spikelib calibrate|qfem|qfep|ppl|zeroshot|bench|models``. Each command prints one JSON object on stdout.
 
 Logs and progress bars go to stderr, so stdout can be piped into ``jq`` or a file.
 """
@@ -101,9 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_qfem_options(zeroshot_parser)
     _add_qfep_options(zeroshot_parser)
 
+    bench_parser = commands.add_parser("bench", help="prefill latency and peak memory of the INT8 path, method by method")
+    _add_common(bench_parser, windows_help=None)
+    bench_parser.set_defaults(seq_len=1024)
+    bench_parser.add_argument("--methods", type=_bench_methods, default=list(BENCH_METHODS),
+                              help=f"comma-separated methods from {','.join(BENCH_METHODS)} (default: all)")
+    bench_parser.add_argument("--repeats", type=int, default=5, help="timed passes per method; the median is reported (default: 5)")
+    bench_parser.add_argument("--act-granularity", default="per-tensor", choices=("per-tensor", "per-token"),
+                              help="dynamic activation scales of the INT8 layers (default: per-tensor)")
+    bench_parser.add_argument("--plan", default=None, help="quantization plan JSON (spikelib plan); without it QFeM and QFeP are searched")
+    _add_calibration_source(bench_parser, calib_windows_option=True)
+    _add_qfem_options(bench_parser)
+    _add_qfep_options(bench_parser)
+
     listing = commands.add_parser("models", help="list the zoo models and the supported architecture families")
     listing.set_defaults(no_progress=True, data_dir=None, seq_len=2)
     return parser
+
+
+BENCH_METHODS = ("fp", "w8a8", "w8a8+qfem", "w8a8+qfep", "w8a8+qfem+qfep")
+
+
+def _bench_methods(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCH_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"invalid method(s) {unknown or value!r}; choose from {','.join(BENCH_METHODS)}")
+    return list(dict.fromkeys(names))
 
 
 # The zero-shot task names, kept here so that `--help` works without importing lm-eval.
@@ -285,12 +309,60 @@ def _check_arguments(args) -> str | None:
         for option, value in (("--limit", args.limit), ("--docs", args.docs), ("--batch-size", args.batch_size)):
             if value is not None and value < 1:
                 return f"{option} must be at least 1, got {value}"
+    if args.command == "bench":
+        if args.repeats < 1:
+            return f"--repeats must be at least 1, got {args.repeats}"
+        if args.plan and not Path(args.plan).is_file():
+            return f"--plan file not found: {args.plan}; write one with spikelib.plan.QuantizationPlan.save"
     scales = getattr(args, "scales", None)
     if scales and configures and "qfem" not in args.method and "qfep" not in args.method:
         return f"--scales is not used by --method {args.method}; drop it or pick a method with qfem or qfep"
     if scales and not Path(scales).is_file():
         return f"--scales file not found: {scales}; write one with `spikelib calibrate --output FILE`"
     return None
+
+
+def run_bench(args) -> dict[str, Any]:
+    """Time the prefill of each method on the INT8 path (FP32 stays in float) and report its memory."""
+    import torch
+
+    from . import bench, int8, plan
+
+    model, tokenizer, start_id = _load(args)
+    report: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "repeats": args.repeats, "device": args.device,
+                              "threads": torch.get_num_threads(), "act_granularity": args.act_granularity}
+    qfem_modules, prefix_ids = [], None
+    parsed = [methods.Method.parse(name) for name in args.methods]
+    if args.plan:
+        loaded = plan.QuantizationPlan.load(args.plan)
+        loaded.check_model(model)
+        qfem_modules, prefix_ids = loaded.full_precision_modules, loaded.prefix_ids
+        report["plan"] = args.plan
+    elif any(method.qfem or method.qfep for method in parsed):
+        scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+        if any(method.qfem for method in parsed):
+            selection = _qfem_selection(args, model, tokenizer, start_id, scales, quantizers.quantize_model(model))
+            qfem_modules = selection["modules"]
+            report.update({"alpha": selection["alpha"], "fp_modules": qfem_modules})
+        if any(method.qfep for method in parsed):
+            search = _prefix_search(args, model, tokenizer, start_id, scales)
+            prefix_ids = search.prefix_ids
+            report.update({"prefix_ids": search.prefix_ids, "prefix_tokens": search.prefix_tokens})
+    if any(method.qfep for method in parsed) and not prefix_ids:
+        raise ValueError(f"{args.plan} has no QFeP prefix; drop the qfep methods or use a plan made with one")
+
+    builder = methods.ConfigurationBuilder(model, None, qfem_modules, prefix_ids, progress=False)
+    runners, weights = {}, {}
+    for method in parsed:
+        configuration = builder.build(method, args.act_granularity)
+        executed = configuration.model if not method.quantize else int8.to_int8(configuration.model, inplace=True)
+        runners[method.name] = bench.Runner(executed, configuration.prefix)
+        weights[method.name] = int8.linear_weight_bytes(executed)
+    results = bench.prefill(runners, args.seq_len, model.config.vocab_size, args.repeats, args.device, args.seed)
+    for name, result in results.items():
+        result["linear_weight_mb"] = round(sum(weights[name].values()) / 2**20, 2)
+    report["methods"] = results
+    return report
 
 
 def run_models(args) -> dict[str, Any]:
@@ -305,7 +377,7 @@ def run_models(args) -> dict[str, Any]:
 
 
 COMMANDS = {"calibrate": run_calibrate, "qfem": run_qfem, "qfep": run_qfep, "ppl": run_ppl, "zeroshot": run_zeroshot,
-            "models": run_models}
+            "bench": run_bench, "models": run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,3 +164,29 @@ def test_models_lists_zoo_and_families(capsys, tmp_path, monkeypatch):
     families = {row["family"]: row for row in report["families"]}
     assert families["mixtral"]["router"] == "mlp.gate"
     assert families["gpt2"]["glu"] is False and families["phi3"]["sites"]["qkv_proj"] == ["self_attn.qkv_proj"]
+
+
+@pytest.mark.integration
+def test_bench_prints_each_method(capsys, data_dir):
+    code = cli.main(["bench", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--seq-len", "32", "--repeats", "2",
+                     "--methods", "fp,w8a8,w8a8+qfem+qfep", "--calib-windows", "1", "--search-windows", "1",
+                     "--n-thresholds", "2", "--spike-candidates", "2", "--context-candidates", "2", "--no-progress"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["methods"]) == ["fp", "w8a8", "w8a8+qfem+qfep"]
+    for result in report["methods"].values():
+        assert result["prefill_ms"] > 0
+        assert len(result["runs_ms"]) == 2
+    fp, w8a8 = report["methods"]["fp"], report["methods"]["w8a8"]
+    assert w8a8["linear_weight_mb"] < fp["linear_weight_mb"] / 3.5  # int8 weights and per-channel scales
+    assert len(report["prefix_ids"]) == 3
+
+
+def test_bench_rejects_unknown_method():
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--methods", "fp,int4"])
+
+
+def test_bench_missing_plan_reported(capsys, tmp_path):
+    assert cli.main(["bench", "--plan", str(tmp_path / "missing.json")]) == 2
+    assert "--plan file not found" in capsys.readouterr().err

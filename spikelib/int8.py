@@ -1,0 +1,153 @@
+"""Real INT8 execution of a W8A8 configuration: int8 weights, int8 activations, int32 products.
+
+``Int8Linear`` stores its weight as int8 with one float scale per output channel. Its forward
+pass quantizes the input to int8 (one dynamic scale per tensor or per token), multiplies it by
+the int8 weight with ``torch._int_mm`` into int32, and rescales the result:
+
+    y = (q(x) @ q(W)^T) * s_x * s_w + b
+
+which is exactly what the fake-quantized layer computes, up to float rounding. Modules that QFeM
+keeps in full precision multiply the float input by the de-quantized weight instead.
+
+``torch._int_mm`` runs on CPU for any shapes. On CUDA it needs more than 16 rows and both other
+dimensions divisible by 8; other shapes fall back to an exact int32 product through float32
+matmul (exact while every sum stays below 2^24), and the first fallback is logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import FakeQuantLinear, absmax_to_scale, integer_range
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("per-tensor", "per-token")
+
+
+def quantize_int8(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(int8 values, float32 scale)`` of a 2-D activation, the scale per tensor or per row."""
+    qmin, qmax = integer_range(8)
+    if granularity == "per-tensor":
+        absmax = x.abs().amax().float()
+    elif granularity == "per-token":
+        absmax = x.abs().amax(dim=-1, keepdim=True).float()
+    else:
+        raise ValueError(f"invalid activation granularity {granularity!r} for INT8 execution; choose one of {', '.join(GRANULARITIES)}")
+    scale = absmax_to_scale(absmax, 8)
+    return torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8), scale
+
+
+def int_mm_supported(rows: int, inner: int, columns: int, device: torch.device) -> bool:
+    """Return whether ``torch._int_mm`` accepts an ``(rows, inner) x (inner, columns)`` product on ``device``."""
+    if device.type != "cuda":
+        return True
+    return rows > 16 and inner % 8 == 0 and columns % 8 == 0
+
+
+_warned_fallback: set[tuple] = set()
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the int32 product of int8 ``a (m, k)`` and ``b (k, n)``."""
+    if int_mm_supported(a.shape[0], a.shape[1], b.shape[1], a.device):
+        return torch._int_mm(a, b)
+    key = (a.device.type, a.shape[1], b.shape[1])
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        logger.warning("torch._int_mm cannot multiply %s x %s on %s; using an exact float32 product instead",
+                       tuple(a.shape), tuple(b.shape), a.device)
+    return (a.float() @ b.float()).round().to(torch.int32)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an int8 weight (per-channel scales) and int8 dynamic activations."""
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 granularity: str = "per-tensor"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"invalid activation granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+        self.granularity = granularity
+        self.quantize_input = True
+
+    @classmethod
+    def from_fake(cls, layer: FakeQuantLinear) -> "Int8Linear":
+        """Recover the int8 weight of a per-channel fake-quantized layer, whose weight already lies on the grid."""
+        config = layer.config
+        if config.n_bits != 8 or config.weight_granularity != "per-channel":
+            raise ValueError(f"INT8 execution needs 8-bit per-channel weights, got {config.n_bits}-bit {config.weight_granularity}")
+        if config.act_granularity not in GRANULARITIES:
+            raise ValueError(f"INT8 execution supports dynamic {' and '.join(GRANULARITIES)} activations, "
+                             f"not {config.act_granularity}")
+        weight = layer.weight.float()
+        scale = absmax_to_scale(weight.abs().amax(dim=-1, keepdim=True), 8)
+        weight_int8 = torch.round(weight / scale).clamp(*integer_range(8)).to(torch.int8)
+        bias = None if layer.bias is None else layer.bias.clone()
+        converted = cls(weight_int8, scale.flatten(), bias, config.act_granularity)
+        converted.quantize_input = layer.quantize_input
+        return converted
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Return the weight as ``dtype``: int8 values times their channel scales."""
+        return (self.weight_int8.to(dtype) * self.weight_scale[:, None].to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_input:
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        rows = x.reshape(-1, self.in_features)
+        values, scale = quantize_int8(rows, self.granularity)
+        product = int8_matmul(values, self.weight_int8.t())
+        output = product.float() * scale * self.weight_scale[None, :]
+        if self.bias is not None:
+            output = output + self.bias.float()
+        return output.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        activation = self.granularity if self.quantize_input else "full precision"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, activation={activation}"
+
+
+def to_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return the model with every ``FakeQuantLinear`` replaced by an ``Int8Linear`` computing the same function.
+
+    ``model`` is a fake-quantized model from ``spikelib.quantizers.quantize_model`` or a
+    configuration built by ``spikelib.methods.ConfigurationBuilder``; QFeM's full-precision
+    modules keep full-precision activations, and a QFeP prefix cache works unchanged.
+    """
+    converted = model if inplace else copy.deepcopy(model)
+    names = [name for name, module in converted.named_modules() if isinstance(module, FakeQuantLinear)]
+    if not names:
+        raise ValueError("the model has no fake-quantized layers; build it with spikelib.quantizers.quantize_model first")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = converted.get_submodule(parent) if parent else converted
+        setattr(owner, child, Int8Linear.from_fake(converted.get_submodule(name)))
+    return converted
+
+
+def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> dict[str, int]:
+    """Return the bytes of linear-layer weights by storage: ``int8``, ``scales`` and ``float``.
+
+    With ``decoder_only`` only the decoder layers count, not the output head.
+    """
+    from .architectures import decoder_layers, family_for
+
+    root = decoder_layers(model, family_for(model)) if decoder_only else model
+    sizes = {"int8": 0, "scales": 0, "float": 0}
+    for module in root.modules():
+        if isinstance(module, Int8Linear):
+            sizes["int8"] += module.weight_int8.numel() * module.weight_int8.element_size()
+            sizes["scales"] += module.weight_scale.numel() * module.weight_scale.element_size()
+        elif isinstance(module, (nn.Linear, FakeQuantLinear)):
+            sizes["float"] += module.weight.numel() * module.weight.element_size()
+    return sizes

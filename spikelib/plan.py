@@ -1,0 +1,98 @@
+"""Quantization plans: what a calibration decided, as a JSON file that reloads onto a fresh model.
+
+A plan names the W8A8 setting, the modules whose activations QFeM keeps in full precision, the
+QFeP prefix, and the calibrated input maxima of every decoder linear module. Module names are
+the models' own fully qualified names (``model.layers.11.mlp.down_proj``), which is the form
+that llm-compressor's ``ignore`` list and torchao's ``filter_fn`` take. ``ignore`` in the file
+adds ``lm_head``, which W8A8 leaves in full precision as well.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from . import methods
+from .architectures import family_for, linear_module_sites
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class QuantizationPlan:
+    """A W8A8 configuration of one model, independent of the model object."""
+
+    model_name: str
+    method: str
+    act_granularity: str = "per-tensor"
+    n_bits: int = 8
+    full_precision_modules: list[str] = field(default_factory=list)
+    prefix_ids: list[int] | None = None
+    prefix_tokens: list[str] | None = None
+    input_absmax: dict[str, float] = field(default_factory=dict)
+    alpha: float | None = None
+
+    @property
+    def ignore(self) -> list[str]:
+        """Return the modules to leave unquantized, for llm-compressor's ``ignore`` or a torchao filter."""
+        return ["lm_head", *sorted(self.full_precision_modules)]
+
+    def to_dict(self) -> dict:
+        payload = {"format_version": FORMAT_VERSION, **asdict(self), "ignore": self.ignore}
+        return payload
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically."""
+        from .artifacts import write_json
+
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantizationPlan":
+        """Read a plan written by ``save``; an unknown format version or field raises ``ValueError``."""
+        payload = json.loads(Path(path).read_text())
+        version = payload.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} has plan format {version!r}; this spikelib reads format {FORMAT_VERSION}")
+        payload.pop("ignore", None)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown plan fields {unknown}; expected {sorted(known)}")
+        return cls(**payload)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when the plan names modules that the model does not have."""
+        modules = linear_module_sites(model, family_for(model))
+        missing = sorted(set(self.full_precision_modules) - modules.keys())
+        if missing:
+            raise ValueError(f"invalid plan: {self.model_name}'s plan names modules that this model does not have "
+                             f"({missing[:5]}). Load the model the plan was made for.")
+
+    def apply(self, model: nn.Module, progress: bool = False) -> methods.Configuration:
+        """Return the configuration of the plan on ``model``, a freshly loaded full-precision model."""
+        self.check_model(model)
+        builder = methods.ConfigurationBuilder(model, None, self.full_precision_modules, self.prefix_ids,
+                                               n_bits=self.n_bits, progress=progress)
+        return builder.build(self.method, act_granularity=self.act_granularity)
+
+
+def plan_from_choices(model_name: str, method: str, full_precision_modules: list[str], prefix_ids: list[int] | None,
+                      tokenizer=None, input_absmax: dict[str, float] | None = None, alpha: float | None = None,
+                      act_granularity: str = "per-tensor") -> QuantizationPlan:
+    """Return a plan from a calibration's choices; modules and prefix are kept only where ``method`` uses them."""
+    parsed = methods.Method.parse(method)
+    prefix = list(prefix_ids) if parsed.qfep and prefix_ids else None
+    return QuantizationPlan(
+        model_name=model_name,
+        method=parsed.name,
+        act_granularity=act_granularity,
+        full_precision_modules=sorted(full_precision_modules) if parsed.qfem else [],
+        prefix_ids=prefix,
+        prefix_tokens=[tokenizer.decode([token]) for token in prefix] if prefix and tokenizer is not None else None,
+        input_absmax=dict(input_absmax or {}),
+        alpha=alpha,
+    )
