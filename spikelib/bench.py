@@ -3,8 +3,8 @@
 Each method runs a batch of one sequence of ``seq_len`` random tokens (with its prefix cache in
 front for QFeP methods). After one warm-up pass per method, the timed passes go round-robin over
 the methods, so that a slow spell of a shared machine touches all of them. The median is reported.
-Memory on CPU is the peak resident set size sampled every 5 ms during a method's passes, minus
-the size just before them; on CUDA it is ``torch.cuda.max_memory_allocated`` over the passes.
+Memory on CPU is the peak resident set size, sampled every 5 ms during a method's warm-up pass,
+minus the size just before it. On CUDA it is ``torch.cuda.max_memory_allocated`` over that pass.
 """
 
 from __future__ import annotations

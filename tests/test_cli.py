@@ -163,7 +163,8 @@ def test_models_lists_zoo_and_families(capsys, tmp_path, monkeypatch):
     assert list((tmp_path).iterdir()) == []
     families = {row["family"]: row for row in report["families"]}
     assert families["mixtral"]["router"] == "mlp.gate"
-    assert families["gpt2"]["glu"] is False and families["phi3"]["sites"]["qkv_proj"] == ["self_attn.qkv_proj"]
+    assert families["gpt2"]["glu"] is False
+    assert families["phi3"]["sites"]["qkv_proj"] == ["self_attn.qkv_proj"]
 
 
 @pytest.mark.integration
