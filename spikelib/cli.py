@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import calibration, data, methods, models, perplexity, qfem, qfep, quantizers
+from . import bench, calibration, data, methods, models, perplexity, qfem, qfep, quantizers
 from .hooks import TokenScales
 
 METHODS = methods.METHODS
@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--repeats", type=int, default=5, help="timed passes per method; the median is reported (default: 5)")
     bench_parser.add_argument("--act-granularity", default="per-tensor", choices=("per-tensor", "per-token"),
                               help="dynamic activation scales of the INT8 layers (default: per-tensor)")
-    bench_parser.add_argument("--plan", default=None, help="quantization plan JSON (spikelib plan); without it QFeM and QFeP are searched")
+    bench_parser.add_argument("--plan", default=None, help="quantization plan JSON (--save-plan writes one); without it QFeM and QFeP are searched")
+    bench_parser.add_argument("--save-plan", default=None, metavar="FILE",
+                              help="write the QFeM modules and QFeP prefix used here as a quantization plan JSON")
+    bench_parser.add_argument("--sdpa-attention", action="store_true",
+                              help="keep transformers' SDPA attention with its full mask behind the prefix "
+                                   "(default: spikelib.prefix_attention, the same output, faster)")
     _add_calibration_source(bench_parser, calib_windows_option=True)
     _add_qfem_options(bench_parser)
     _add_qfep_options(bench_parser)
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_METHODS = ("fp", "w8a8", "w8a8+qfem", "w8a8+qfep", "w8a8+qfem+qfep")
+BENCH_METHODS = bench.METHODS
 
 
 def _bench_methods(value: str) -> list[str]:
@@ -326,20 +331,21 @@ def run_bench(args) -> dict[str, Any]:
     """Time the prefill of each method on the INT8 path (FP32 stays in float) and report its memory."""
     import torch
 
-    from . import bench, int8, plan
+    from . import plan
 
     model, tokenizer, start_id = _load(args)
     report: dict[str, Any] = {"model": args.model, "seq_len": args.seq_len, "repeats": args.repeats, "device": args.device,
                               "threads": torch.get_num_threads(), "act_granularity": args.act_granularity}
-    qfem_modules, prefix_ids = [], None
-    parsed = [methods.Method.parse(name) for name in args.methods]
+    qfem_modules, prefix_ids, input_absmax = [], None, {}
+    parsed = [bench.BenchMethod.parse(name).method for name in args.methods]
     if args.plan:
         loaded = plan.QuantizationPlan.load(args.plan)
         loaded.check_model(model)
-        qfem_modules, prefix_ids = loaded.full_precision_modules, loaded.prefix_ids
+        qfem_modules, prefix_ids, input_absmax = loaded.full_precision_modules, loaded.prefix_ids, loaded.input_absmax
         report["plan"] = args.plan
     elif any(method.qfem or method.qfep for method in parsed):
         scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
+        input_absmax = plan.input_absmax_from_scales(scales)
         if any(method.qfem for method in parsed):
             selection = _qfem_selection(args, model, tokenizer, start_id, scales, quantizers.quantize_model(model))
             qfem_modules = selection["modules"]
@@ -350,17 +356,18 @@ def run_bench(args) -> dict[str, Any]:
             report.update({"prefix_ids": search.prefix_ids, "prefix_tokens": search.prefix_tokens})
     if any(method.qfep for method in parsed) and not prefix_ids:
         raise ValueError(f"{args.plan} has no QFeP prefix; drop the qfep methods or use a plan made with one")
+    if args.save_plan:
+        name = "+".join(["w8a8"] + [part for part, used in (("qfem", any(m.qfem for m in parsed)), ("qfep", bool(prefix_ids))) if used])
+        chosen = plan.plan_from_choices(args.model, name, qfem_modules, prefix_ids, tokenizer, input_absmax,
+                                        alpha=report.get("alpha"), act_granularity=args.act_granularity)
+        report["saved_plan"] = str(chosen.save(args.save_plan))
 
-    builder = methods.ConfigurationBuilder(model, None, qfem_modules, prefix_ids, progress=False)
-    runners, weights = {}, {}
-    for method in parsed:
-        configuration = builder.build(method, args.act_granularity)
-        executed = configuration.model if not method.quantize else int8.to_int8(configuration.model, inplace=True)
-        runners[method.name] = bench.Runner(executed, configuration.prefix)
-        weights[method.name] = int8.linear_weight_bytes(executed)
+    runners, details = bench.build_runners(model, args.methods, qfem_modules, prefix_ids, args.act_granularity,
+                                           fast_prefix_attention=not args.sdpa_attention)
     results = bench.prefill(runners, args.seq_len, model.config.vocab_size, args.repeats, args.device, args.seed)
     for name, result in results.items():
-        result["linear_weight_mb"] = round(sum(weights[name].values()) / 2**20, 2)
+        result.update(details[name])
+        result["peak_memory_mb"] = round(details[name]["model_mb"] + result["pass_memory_mb"], 1)
     report["methods"] = results
     return report
 

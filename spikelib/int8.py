@@ -31,16 +31,22 @@ GRANULARITIES = ("per-tensor", "per-token")
 
 
 def quantize_int8(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(int8 values, float32 scale)`` of a 2-D activation, the scale per tensor or per row."""
+    """Return ``(int8 values, float32 scale)`` of a 2-D activation, the scale per tensor or per row.
+
+    The values equal the fake quantizer's ``clamp(round(x / scale))``. The maximum comes from
+    the minimum and maximum, and the rounding runs in place, so the only temporary is one float
+    copy of ``x``.
+    """
     qmin, qmax = integer_range(8)
     if granularity == "per-tensor":
-        absmax = x.abs().amax().float()
-    elif granularity == "per-token":
-        absmax = x.abs().amax(dim=-1, keepdim=True).float()
+        low, high = torch.aminmax(x)
+    elif granularity == "per-token":  # two reductions: aminmax along a dimension was slower on CPU
+        low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     else:
         raise ValueError(f"invalid activation granularity {granularity!r} for INT8 execution; choose one of {', '.join(GRANULARITIES)}")
-    scale = absmax_to_scale(absmax, 8)
-    return torch.clamp(torch.round(x.float() / scale), qmin, qmax).to(torch.int8), scale
+    scale = absmax_to_scale(torch.maximum(-low, high).float(), 8)
+    values = torch.div(x.float(), scale).round_().clamp_(qmin, qmax)
+    return values.to(torch.int8), scale
 
 
 def int_mm_supported(rows: int, inner: int, columns: int, device: torch.device) -> bool:
@@ -107,9 +113,13 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         values, scale = quantize_int8(rows, self.granularity)
         product = int8_matmul(values, self.weight_int8.t())
-        output = product.float() * scale * self.weight_scale[None, :]
+        # One pass over the int32 product where the scale is per tensor; per token, a second in place.
+        if scale.dim() == 0:
+            output = torch.mul(product, scale * self.weight_scale)
+        else:
+            output = torch.mul(product, self.weight_scale).mul_(scale)
         if self.bias is not None:
-            output = output + self.bias.float()
+            output.add_(self.bias.float())
         return output.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -135,11 +145,24 @@ def to_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
     return converted
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Return the bytes a tensor stores; for tensor subclasses (torchao's int8 weights) the sum of their parts."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> dict[str, int]:
     """Return the bytes of linear-layer weights by storage: ``int8``, ``scales`` and ``float``.
 
-    With ``decoder_only`` only the decoder layers count, not the output head.
+    With ``decoder_only`` only the decoder layers count, not the output head. A torchao int8
+    weight counts as ``int8``, its scales included.
     """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     from .architectures import decoder_layers, family_for
 
     root = decoder_layers(model, family_for(model)) if decoder_only else model
@@ -149,5 +172,8 @@ def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> dict[str
             sizes["int8"] += module.weight_int8.numel() * module.weight_int8.element_size()
             sizes["scales"] += module.weight_scale.numel() * module.weight_scale.element_size()
         elif isinstance(module, (nn.Linear, FakeQuantLinear)):
-            sizes["float"] += module.weight.numel() * module.weight.element_size()
+            if is_traceable_wrapper_subclass(module.weight):  # torchao's int8 weight: values and scales
+                sizes["int8"] += tensor_bytes(module.weight)
+            else:
+                sizes["float"] += module.weight.numel() * module.weight.element_size()
     return sizes

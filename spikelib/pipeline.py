@@ -28,6 +28,7 @@ STAGES = {
     "zeroshot": "notebooks/07_zeroshot.ipynb",
     "zoo_calibration": "notebooks/08_zoo_calibration.ipynb",
     "zoo_main": "notebooks/09_zoo_main.ipynb",
+    "int8_cost": "notebooks/10_int8_cost.ipynb",
 }
 EXECUTED_DIR = Path("results/notebooks")
 

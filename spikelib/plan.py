@@ -96,3 +96,40 @@ def plan_from_choices(model_name: str, method: str, full_precision_modules: list
         input_absmax=dict(input_absmax or {}),
         alpha=alpha,
     )
+
+
+def input_absmax_from_scales(scales) -> dict[str, float]:
+    """Return each module's calibrated input maximum from recorded token scales (``spikelib.hooks.TokenScales``)."""
+    site_max = scales.site_max()
+    return {module: site_max[site] for module, site in sorted(scales.module_sites.items())}
+
+
+def plan_from_results(model_name: str, main_model_name: str, results_dir: str | Path = "results") -> QuantizationPlan:
+    """Return the W8A8+QFeM+QFeP plan that the pipeline chose for ``model_name``.
+
+    The main model's choices come from the main results stage (``main/qfem_selection.json``,
+    ``main/qfep_prefix.json``, ``calibration/token_scales.pt``); any other model's from the zoo
+    stages (``zoo/main_table.json``, ``zoo/scales/<model>.pt``). A model the pipeline did not run
+    on raises ``ValueError``.
+    """
+    from .artifacts import slug
+    from .hooks import TokenScales
+
+    results = Path(results_dir)
+    if model_name == main_model_name:
+        selection = json.loads((results / "main" / "qfem_selection.json").read_text())
+        prefix = json.loads((results / "main" / "qfep_prefix.json").read_text())
+        choices = {"alpha": selection["alpha"], "qfem_modules": selection["modules"],
+                   "prefix_ids": prefix["prefix_ids"], "prefix_tokens": prefix["prefix_tokens"]}
+        scales_path = results / "calibration" / "token_scales.pt"
+    else:
+        zoo = json.loads((results / "zoo" / "main_table.json").read_text())["choices"]
+        if model_name not in zoo:
+            raise ValueError(f"the pipeline chose no QFeM modules or prefix for {model_name!r}: add it to "
+                             f"zoo_main.model_names in params.yaml and run `dvc repro zoo_main` (it has {sorted(zoo)})")
+        choices = zoo[model_name]
+        scales_path = results / "zoo" / "scales" / f"{slug(model_name)}.pt"
+    return QuantizationPlan(model_name=model_name, method="w8a8+qfem+qfep",
+                            full_precision_modules=sorted(choices["qfem_modules"]), prefix_ids=list(choices["prefix_ids"]),
+                            prefix_tokens=choices.get("prefix_tokens"), alpha=choices["alpha"],
+                            input_absmax=input_absmax_from_scales(TokenScales.load(scales_path)))

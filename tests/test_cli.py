@@ -180,7 +180,30 @@ def test_bench_prints_each_method(capsys, data_dir):
         assert len(result["runs_ms"]) == 2
     fp, w8a8 = report["methods"]["fp"], report["methods"]["w8a8"]
     assert w8a8["linear_weight_mb"] < fp["linear_weight_mb"] / 3.5  # int8 weights and per-channel scales
+    assert w8a8["model_mb"] < fp["model_mb"]
+    assert w8a8["peak_memory_mb"] >= w8a8["model_mb"]
     assert len(report["prefix_ids"]) == 3
+
+
+@pytest.mark.integration
+def test_bench_saves_a_plan_and_reuses_it(capsys, tmp_path, data_dir):
+    saved = tmp_path / "plan.json"
+    code = cli.main(["bench", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--seq-len", "16", "--repeats", "1",
+                     "--methods", "w8a8+qfep", "--calib-windows", "1", "--spike-candidates", "2",
+                     "--context-candidates", "2", "--save-plan", str(saved), "--no-progress"])
+    assert code == 0
+    first = json.loads(capsys.readouterr().out)
+    payload = json.loads(saved.read_text())
+    assert payload["method"] == "w8a8+qfep"
+    assert payload["prefix_ids"] == first["prefix_ids"]
+    assert payload["input_absmax"]["model.layers.11.mlp.down_proj"] > 500  # the spike site's calibrated maximum
+    code = cli.main(["bench", "--model", "smollm2-135m", "--seq-len", "16", "--repeats", "1",
+                     "--methods", "w8a8+qfep,torchao+qfem+qfep", "--plan", str(saved), "--no-progress"])
+    assert code == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["plan"] == str(saved)
+    assert second["methods"]["torchao+qfem+qfep"]["prefix_tokens"] == len(first["prefix_ids"])
+    assert second["methods"]["torchao+qfem+qfep"]["activation"] == "int8 dynamic, per-token"
 
 
 def test_bench_rejects_unknown_method():

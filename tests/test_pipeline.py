@@ -27,9 +27,9 @@ pytestmark = [
 ]
 
 EXPECTED_FIGURES = ("fig1_layer_max", "fig2_token_scales", "fig4_qfem_tradeoff", "smoothquant", "granularity",
-                    "module_ablation", "prefix_ablation", "fig5_zeroshot", "zoo_calibration", "zoo_main")
+                    "module_ablation", "prefix_ablation", "fig5_zeroshot", "zoo_calibration", "zoo_main", "int8_cost")
 NOTEBOOKS = ("01_calibration", "02_main_results", "03_smoothquant", "04_granularity", "05_module_ablation",
-             "06_prefix_ablation", "07_zeroshot", "08_zoo_calibration", "09_zoo_main")
+             "06_prefix_ablation", "07_zeroshot", "08_zoo_calibration", "09_zoo_main", "10_int8_cost")
 PAPER_TASKS = ["piqa", "lambada_openai", "hellaswag", "winogrande"]
 METHODS = ["FP32", "W8A8", "W8A8+QFeP", "W8A8+QFeM", "W8A8+QFeM+QFeP"]
 
@@ -173,8 +173,32 @@ def test_zoo_tables_written(pipeline_copy):
     assert main["n_tokens"].nunique() == 1
 
 
+def test_int8_tables_written(pipeline_copy):
+    from spikelib.plan import QuantizationPlan
+
+    results = pipeline_copy / "results" / "int8"
+    summary = pd.read_csv(results / "summary.csv")
+    assert summary["method"].tolist() == ["fp", "w8a8", "w8a8+qfem", "w8a8+qfep", "w8a8+qfem+qfep", "torchao",
+                                          "torchao+qfem+qfep"]
+    assert (summary["prefill_ms"] > 0).all()
+    w8a8 = summary.set_index("method").loc["w8a8"]
+    assert w8a8["weight_ratio_vs_fp"] > 3.5
+    prefill = pd.read_csv(results / "prefill.csv")
+    assert sorted(prefill["seq_len"].unique()) == [32, 64]
+    agreement = pd.read_csv(results / "agreement.csv")
+    assert agreement["method"].tolist() == ["w8a8", "w8a8+qfem+qfep"]
+    assert agreement["int8_ppl"].gt(1).all()
+    attention = pd.read_csv(results / "prefix_attention.csv")
+    assert len(attention) == 3
+    chosen = QuantizationPlan.load(results / "plans" / "smollm2-135m.json")
+    selection = json.loads((pipeline_copy / "results" / "main" / "qfem_selection.json").read_text())
+    assert chosen.full_precision_modules == sorted(selection["modules"])
+    assert chosen.prefix_ids[0] == 1  # the start token <|im_start|> opens the prefix
+    assert len(chosen.input_absmax) == 30 * 7
+
+
 @pytest.mark.parametrize("section, key, value", [("main_results", "ppl_windows", 2), ("calibration", "n_windows", 3),
-                                                 ("zoo_main", "ppl_windows", 2)])
+                                                 ("zoo_main", "ppl_windows", 2), ("int8_cost", "repeats", 2)])
 def test_parameter_marks_its_stage(pipeline_copy, section, key, value):
     params = pipeline_copy / "params.yaml"
     original = params.read_text()

@@ -69,3 +69,44 @@ def test_plan_unknown_field_rejected(tmp_path):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="surprise"):
         plan.QuantizationPlan.load(path)
+
+
+def _results_dir(tmp_path, tiny_model, zoo_name: str = "tiny-zoo"):
+    """A results folder as the pipeline leaves it, with the tiny model's scales for both routes."""
+    from spikelib import calibration
+
+    windows = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    windows[:, 0] = BOS_ID
+    scales = calibration.calibrate(tiny_model, windows, progress=False)
+    results = tmp_path / "results"
+    (results / "main").mkdir(parents=True)
+    (results / "calibration").mkdir()
+    (results / "zoo" / "scales").mkdir(parents=True)
+    scales.save(results / "calibration" / "token_scales.pt")
+    scales.save(results / "zoo" / "scales" / f"{zoo_name}.pt")
+    (results / "main" / "qfem_selection.json").write_text(json.dumps({"alpha": 2.5, "modules": ["model.layers.1.mlp.down_proj"]}))
+    (results / "main" / "qfep_prefix.json").write_text(json.dumps({"prefix_ids": [BOS_ID, 9, 17], "prefix_tokens": ["<s>", "a", "b"]}))
+    zoo = {"choices": {zoo_name: {"alpha": None, "qfem_modules": [], "prefix_ids": [BOS_ID, 5], "prefix_tokens": ["<s>", "c"]}}}
+    (results / "zoo" / "main_table.json").write_text(json.dumps(zoo))
+    return results, scales
+
+
+def test_plan_from_pipeline_results(tmp_path, tiny_model):
+    results, scales = _results_dir(tmp_path, tiny_model)
+    main = plan.plan_from_results("tiny", "tiny", results)
+    assert main.full_precision_modules == ["model.layers.1.mlp.down_proj"]
+    assert main.prefix_ids == [BOS_ID, 9, 17]
+    assert main.alpha == 2.5
+    site_max = scales.site_max()
+    assert main.input_absmax["model.layers.0.mlp.down_proj"] == site_max[scales.module_sites["model.layers.0.mlp.down_proj"]]
+    # q, k and v share one input, so they share one maximum
+    assert main.input_absmax["model.layers.0.self_attn.q_proj"] == main.input_absmax["model.layers.0.self_attn.v_proj"]
+    assert len(main.input_absmax) == 14
+    main.check_model(tiny_model)
+
+    zoo = plan.plan_from_results("tiny-zoo", "tiny", results)
+    assert zoo.full_precision_modules == []
+    assert zoo.prefix_ids == [BOS_ID, 5]
+    assert zoo.alpha is None
+    with pytest.raises(ValueError, match="zoo_main.model_names"):
+        plan.plan_from_results("other", "tiny", results)
