@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,11 @@ BENCH_METHODS = bench.METHODS
 
 def _bench_methods(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no methods given; choose from {','.join(BENCH_METHODS)}")
     unknown = [name for name in names if name not in BENCH_METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"invalid method(s) {unknown or value!r}; choose from {','.join(BENCH_METHODS)}")
+    if unknown:
+        raise argparse.ArgumentTypeError(f"invalid method(s) {unknown}; choose from {','.join(BENCH_METHODS)}")
     return list(dict.fromkeys(names))
 
 
@@ -317,8 +320,17 @@ def _check_arguments(args) -> str | None:
     if args.command == "bench":
         if args.repeats < 1:
             return f"--repeats must be at least 1, got {args.repeats}"
+        if args.plan and Path(args.plan).is_dir():
+            return f"--plan {args.plan} is a folder; give a plan file, such as results/int8/plans/smollm2-135m.json"
         if args.plan and not Path(args.plan).is_file():
-            return f"--plan file not found: {args.plan}; write one with spikelib.plan.QuantizationPlan.save"
+            return f"--plan file not found: {args.plan}; write one with --save-plan FILE"
+        if args.save_plan:
+            target = Path(args.save_plan)
+            if target.is_dir():
+                return f"--save-plan {target} is a folder; give a file name such as {target / 'plan.json'}"
+            existing = next(folder for folder in (target.parent.resolve(), *target.parent.resolve().parents) if folder.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK):
+                return f"--save-plan: cannot write under {existing}; choose a writable folder"
     scales = getattr(args, "scales", None)
     if scales and configures and "qfem" not in args.method and "qfep" not in args.method:
         return f"--scales is not used by --method {args.method}; drop it or pick a method with qfem or qfep"
@@ -340,9 +352,15 @@ def run_bench(args) -> dict[str, Any]:
     parsed = [bench.BenchMethod.parse(name).method for name in args.methods]
     if args.plan:
         loaded = plan.QuantizationPlan.load(args.plan)
+        if loaded.model_name != args.model:
+            raise ValueError(f"{args.plan} is a plan for {loaded.model_name}, not {args.model}; "
+                             f"pass --model {loaded.model_name} or a plan made for {args.model}")
         loaded.check_model(model)
+        if any(method.qfem for method in parsed) and not methods.Method.parse(loaded.method).qfem:
+            raise ValueError(f"{args.plan} has no QFeM selection (method {loaded.method}); "
+                             "drop the qfem methods or use a plan made with qfem")
         qfem_modules, prefix_ids, input_absmax = loaded.full_precision_modules, loaded.prefix_ids, loaded.input_absmax
-        report["plan"] = args.plan
+        report.update({"plan": args.plan, "fp_modules": qfem_modules, "prefix_ids": prefix_ids})
     elif any(method.qfem or method.qfep for method in parsed):
         scales = _scales(args, model, tokenizer, start_id, args.calib_windows)
         input_absmax = plan.input_absmax_from_scales(scales)
@@ -356,12 +374,15 @@ def run_bench(args) -> dict[str, Any]:
             report.update({"prefix_ids": search.prefix_ids, "prefix_tokens": search.prefix_tokens})
     if any(method.qfep for method in parsed) and not prefix_ids:
         raise ValueError(f"{args.plan} has no QFeP prefix; drop the qfep methods or use a plan made with one")
-    if args.save_plan:
+    if args.save_plan and args.plan:
+        report["saved_plan"] = str(loaded.save(args.save_plan))  # the loaded plan, whole
+    elif args.save_plan:
         name = "+".join(["w8a8"] + [part for part, used in (("qfem", any(m.qfem for m in parsed)), ("qfep", bool(prefix_ids))) if used])
         chosen = plan.plan_from_choices(args.model, name, qfem_modules, prefix_ids, tokenizer, input_absmax,
                                         alpha=report.get("alpha"), act_granularity=args.act_granularity)
         report["saved_plan"] = str(chosen.save(args.save_plan))
 
+    report["attention"] = "sdpa" if args.sdpa_attention else "spikelib_prefix"
     runners, details = bench.build_runners(model, args.methods, qfem_modules, prefix_ids, args.act_granularity,
                                            fast_prefix_attention=not args.sdpa_attention)
     results = bench.prefill(runners, args.seq_len, model.config.vocab_size, args.repeats, args.device, args.seed)

@@ -10,8 +10,8 @@ which is exactly what the fake-quantized layer computes, up to float rounding. M
 keeps in full precision multiply the float input by the de-quantized weight instead.
 
 ``torch._int_mm`` runs on CPU for any shapes. On CUDA it needs more than 16 rows and both other
-dimensions divisible by 8; other shapes fall back to an exact int32 product through float32
-matmul (exact while every sum stays below 2^24), and the first fallback is logged.
+dimensions divisible by 8. Other shapes fall back to float32 matmuls over blocks of 1,024 inner
+columns, each exact, summed in int32; the first fallback per shape is logged.
 """
 
 from __future__ import annotations
@@ -66,9 +66,23 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     key = (a.device.type, a.shape[1], b.shape[1])
     if key not in _warned_fallback:
         _warned_fallback.add(key)
-        logger.warning("torch._int_mm cannot multiply %s x %s on %s; using an exact float32 product instead",
-                       tuple(a.shape), tuple(b.shape), a.device)
-    return (a.float() @ b.float()).round().to(torch.int32)
+        logger.warning("torch._int_mm cannot multiply %s x %s on %s; using exact float32 products of %d-column blocks instead",
+                       tuple(a.shape), tuple(b.shape), a.device, EXACT_BLOCK)
+    return exact_float_matmul(a, b)
+
+
+# A product of two int8 values is at most 128 * 128 = 2^14 in magnitude, so a float32 sum of up
+# to 2^10 of them stays within 2^24, where float32 still represents every integer exactly.
+EXACT_BLOCK = 1024
+
+
+def exact_float_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the int32 product of int8 ``a`` and ``b`` through float32 matmuls over blocks of the inner dimension."""
+    total = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[1], EXACT_BLOCK):
+        block = a[:, start:start + EXACT_BLOCK].float() @ b[start:start + EXACT_BLOCK].float()
+        total += block.to(torch.int32)
+    return total
 
 
 class Int8Linear(nn.Module):

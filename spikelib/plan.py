@@ -19,6 +19,7 @@ from . import methods
 from .architectures import family_for, linear_module_sites
 
 FORMAT_VERSION = 1
+PLAN_GRANULARITIES = ("per-tensor", "per-token")
 
 
 @dataclass
@@ -34,6 +35,22 @@ class QuantizationPlan:
     prefix_tokens: list[str] | None = None
     input_absmax: dict[str, float] = field(default_factory=dict)
     alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        parsed = methods.Method.parse(self.method)
+        if parsed.smooth:
+            raise ValueError(f"invalid plan method {self.method!r}: a plan does not store SmoothQuant's per-channel "
+                             "maxima; use a method without sq")
+        if self.act_granularity not in PLAN_GRANULARITIES:
+            raise ValueError(f"invalid plan act_granularity {self.act_granularity!r}; choose one of "
+                             f"{', '.join(PLAN_GRANULARITIES)} (static scales need calibration windows)")
+        if not isinstance(self.full_precision_modules, list) or not all(
+                isinstance(name, str) for name in self.full_precision_modules):
+            raise ValueError("invalid plan: full_precision_modules must be a list of module names, "
+                             f"got {self.full_precision_modules!r}")
+        if self.prefix_ids is not None and (not isinstance(self.prefix_ids, list)
+                                            or not all(isinstance(token, int) for token in self.prefix_ids)):
+            raise ValueError(f"invalid plan: prefix_ids must be a list of token ids or null, got {self.prefix_ids!r}")
 
     @property
     def ignore(self) -> list[str]:
@@ -52,8 +69,17 @@ class QuantizationPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantizationPlan":
-        """Read a plan written by ``save``; an unknown format version or field raises ``ValueError``."""
-        payload = json.loads(Path(path).read_text())
+        """Read a plan written by ``save``; a file that is not such a plan raises ``ValueError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file not found: {path}; write one with QuantizationPlan.save or "
+                                    "`spikelib bench --save-plan FILE`")
+        try:
+            payload = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); write the plan again with QuantizationPlan.save") from error
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} contains a JSON {type(payload).__name__}, not a plan object")
         version = payload.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has plan format {version!r}; this spikelib reads format {FORMAT_VERSION}")
@@ -62,10 +88,22 @@ class QuantizationPlan:
         unknown = sorted(set(payload) - known)
         if unknown:
             raise ValueError(f"{path} has unknown plan fields {unknown}; expected {sorted(known)}")
+        missing = sorted(name for name in ("model_name", "method") if name not in payload)
+        if missing:
+            raise ValueError(f"{path} lacks the plan fields {missing}")
         return cls(**payload)
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` when the plan names modules that the model does not have."""
+        """Raise ``ValueError`` when the plan names modules or prefix tokens that the model does not have.
+
+        A plan made for another model of the same family can pass this check; compare
+        ``model_name`` as well where the model's name is known.
+        """
+        vocab_size = model.get_input_embeddings().num_embeddings
+        outside = [token for token in self.prefix_ids or () if not 0 <= token < vocab_size]
+        if outside:
+            raise ValueError(f"invalid plan: {self.model_name}'s plan has prefix ids {outside} outside this model's "
+                             f"vocabulary of {vocab_size} tokens. Load the model the plan was made for.")
         modules = linear_module_sites(model, family_for(model))
         missing = sorted(set(self.full_precision_modules) - modules.keys())
         if missing:

@@ -189,12 +189,13 @@ def test_bench_prints_each_method(capsys, data_dir):
 def test_bench_saves_a_plan_and_reuses_it(capsys, tmp_path, data_dir):
     saved = tmp_path / "plan.json"
     code = cli.main(["bench", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--seq-len", "16", "--repeats", "1",
-                     "--methods", "w8a8+qfep", "--calib-windows", "1", "--spike-candidates", "2",
-                     "--context-candidates", "2", "--save-plan", str(saved), "--no-progress"])
+                     "--methods", "w8a8+qfem+qfep", "--calib-windows", "1", "--search-windows", "1", "--n-thresholds", "2",
+                     "--spike-candidates", "2", "--context-candidates", "2", "--save-plan", str(saved), "--no-progress"])
     assert code == 0
     first = json.loads(capsys.readouterr().out)
     payload = json.loads(saved.read_text())
-    assert payload["method"] == "w8a8+qfep"
+    assert payload["method"] == "w8a8+qfem+qfep"
+    assert payload["full_precision_modules"] == sorted(first["fp_modules"])
     assert payload["prefix_ids"] == first["prefix_ids"]
     assert payload["input_absmax"]["model.layers.11.mlp.down_proj"] > 500  # the spike site's calibrated maximum
     code = cli.main(["bench", "--model", "smollm2-135m", "--seq-len", "16", "--repeats", "1",
@@ -203,12 +204,28 @@ def test_bench_saves_a_plan_and_reuses_it(capsys, tmp_path, data_dir):
     second = json.loads(capsys.readouterr().out)
     assert second["plan"] == str(saved)
     assert second["methods"]["torchao+qfem+qfep"]["prefix_tokens"] == len(first["prefix_ids"])
+    assert second["methods"]["torchao+qfem+qfep"]["fp_modules"] == len(first["fp_modules"])
     assert second["methods"]["torchao+qfem+qfep"]["activation"] == "int8 dynamic, per-token"
 
 
 def test_bench_rejects_unknown_method():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--methods", "fp,int4"])
+
+
+def test_bench_save_plan_folder_reported(capsys, tmp_path):
+    assert cli.main(["bench", "--save-plan", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bench_plan_for_another_model_rejected(capsys, tmp_path):
+    from spikelib.plan import QuantizationPlan
+
+    path = QuantizationPlan("qwen2.5-0.5b", "w8a8+qfep", prefix_ids=[151643, 646, 374]).save(tmp_path / "qwen.json")
+    code = cli.main(["bench", "--model", "smollm2-135m", "--plan", str(path), "--methods", "w8a8+qfep", "--no-progress"])
+    assert code == 1
+    assert "is a plan for qwen2.5-0.5b, not smollm2-135m" in capsys.readouterr().err
 
 
 def test_bench_missing_plan_reported(capsys, tmp_path):

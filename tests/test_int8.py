@@ -62,6 +62,19 @@ def test_fallback_product_equals_int_mm(monkeypatch):
     assert torch.equal(int8.int8_matmul(a, b), expected)
 
 
+def test_fallback_exact_for_wide_inputs():
+    """Full-scale int8 values over 3,000 inner columns: one float32 matmul would round the sums."""
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (4, 3000), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (3000, 5), dtype=torch.int8, generator=generator)
+    a[0] = 127
+    b[:, 0] = 127  # 3,000 x 16,129: partial sums beyond 2^24, where float32 spacing is 2 or more
+    expected = torch._int_mm(a, b)
+    single = (a.float() @ b.float()).round().to(torch.int32)
+    assert not torch.equal(single, expected)
+    assert torch.equal(int8.exact_float_matmul(a, b), expected)
+
+
 def test_cuda_shape_rules():
     cuda = torch.device("cuda")
     assert int8.int_mm_supported(32, 64, 64, cuda)

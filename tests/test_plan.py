@@ -110,3 +110,31 @@ def test_plan_from_pipeline_results(tmp_path, tiny_model):
     assert zoo.alpha is None
     with pytest.raises(ValueError, match="zoo_main.model_names"):
         plan.plan_from_results("other", "tiny", results)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "not a plan object"),
+    ('{"format_version": 1, "model_name": "tiny", "meth', "not valid JSON"),
+    ('{"format_version": 1, "method": "w8a8"}', "lacks the plan fields"),
+    ('{"format_version": 1, "model_name": "tiny", "method": "w8a8", "full_precision_modules": "model.layers.1"}',
+     "must be a list of module names"),
+    ('{"format_version": 1, "model_name": "tiny", "method": "w8a8+qfep", "prefix_ids": [1, "a"]}', "list of token ids"),
+])
+def test_malformed_plan_rejected(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        plan.QuantizationPlan.load(path)
+
+
+def test_plan_settings_it_cannot_apply_rejected():
+    with pytest.raises(ValueError, match="SmoothQuant"):
+        plan.QuantizationPlan("tiny", "w8a8+sq+qfem")
+    with pytest.raises(ValueError, match="static scales need calibration windows"):
+        plan.QuantizationPlan("tiny", "w8a8", act_granularity="static")
+
+
+def test_plan_prefix_outside_vocabulary_rejected(tiny_model):
+    chosen = plan.QuantizationPlan("other", "w8a8+qfep", prefix_ids=[BOS_ID, 151643])
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        chosen.check_model(tiny_model)
