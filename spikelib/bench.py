@@ -2,8 +2,9 @@
 
 Each method runs a batch of one sequence of ``seq_len`` random tokens (with its prefix cache in
 front for QFeP methods). A pass is the prefill of generation: every method builds the KV cache,
-and only the last position's logits are computed where the model accepts ``logits_to_keep``. After one warm-up pass per method, the timed passes go round-robin over
-the methods, so that a slow spell of a shared machine touches all of them. The median is reported.
+and only the last position's logits are computed where the model accepts ``logits_to_keep``.
+After one warm-up pass per method, the timed passes go round-robin over the methods, so that a
+slow spell of a shared machine touches all of them. The median is reported.
 
 Memory per method is what its model stores (parameters and buffers) plus what one pass adds:
 on CPU the rise of the process's resident set size, sampled every 5 ms during the method's

@@ -11,7 +11,10 @@ keeps in full precision multiply the float input by the de-quantized weight inst
 
 ``torch._int_mm`` runs on CPU for any shapes. On CUDA it needs more than 16 rows and both other
 dimensions divisible by 8. Other shapes fall back to float32 matmuls over blocks of 1,024 inner
-columns, each exact, summed in int32; the first fallback per shape is logged.
+columns, each exact, summed in int32. The first fallback per shape is logged.
+
+NOTE: the CUDA shape rules above are unverified here: no GPU has run this path, and the tests
+check ``int_mm_supported`` only against those stated values.
 """
 
 from __future__ import annotations

@@ -3,15 +3,19 @@
 With ``P`` cached prefix tokens in front of ``L`` new ones, every new token attends to the whole
 prefix and the new tokens before it. transformers passes that pattern to SDPA as an explicit
 ``L x (P + L)`` mask, so SDPA's CPU kernel computes every block of the score matrix. Without a
-mask, its causal pass skips the blocks above the diagonal. At 1,024 tokens that makes attention
-about 1.5 times slower, which was most of what a prefix cost in a prefill measured here.
+mask, its causal pass skips the blocks above the diagonal. With SmolLM2's shapes at 1,024 tokens
+on 2 CPU threads, one layer's attention took 16.7 ms with the mask against 11.7 ms without, and
+that was most of what a prefix cost in a prefill.
 
 The ``spikelib_prefix`` attention implementation puts ``P`` zero queries in front of the ``L``
-real ones and runs SDPA's causal kernel on the square ``(P + L) x (P + L)`` problem: real query
-``i`` then sees keys ``0 .. P + i``, the prefix and the new tokens up to itself, which is exactly
-the masked pattern. The ``P`` extra output rows are dropped. The output matches the masked one up
+real ones and runs SDPA's causal kernel on the square ``(P + L) x (P + L)`` problem. Real query
+``i`` then attends to keys ``0 .. P + i``, the prefix and the new tokens up to itself, which is
+exactly the masked pattern. The ``P`` extra output rows are dropped. The output matches the masked one up
 to float rounding. Any other mask, and features it does not handle (soft-capping, position bias,
 attention weights), go to transformers' own SDPA function unchanged.
+
+NOTE: the padded path is tested on CPU only. On CUDA it calls the same SDPA function with
+``is_causal=True``, which has not been run on a GPU here.
 """
 
 from __future__ import annotations
@@ -36,17 +40,17 @@ def prefix_length(mask: torch.Tensor | None, query_length: int) -> int:
     global _last_mask
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4:
         return -1
-    ref, answer = _last_mask
-    if ref is not None and ref() is mask:
-        return answer
+    reference, length = _last_mask
+    if reference is not None and reference() is mask:
+        return length
     prefix = mask.shape[-1] - query_length
-    answer = -1
+    length = -1
     if prefix > 0 and mask.shape[-2] == query_length:
         expected = torch.ones(query_length, mask.shape[-1], dtype=torch.bool, device=mask.device).tril(prefix)
         if torch.equal(mask, expected.expand_as(mask)):
-            answer = prefix
-    _last_mask = (weakref.ref(mask), answer)
-    return answer
+            length = prefix
+    _last_mask = (weakref.ref(mask), length)
+    return length
 
 
 def padded_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: int,
